@@ -1,0 +1,421 @@
+"""
+Full definition of a GPT Language Model in JAX + Haiku, all of it in this single file.
+A port of nanoGPT's model.py: same modules, same initialisation, same parameter names.
+
+Shape glossary (suffixes on array names):
+  B: batch size            T: sequence length (queries)    S: key/value length (cache slots)
+  C: n_embd (channels)     H: n_head                       D: head size, C // H
+  V: vocab size            F: MLP hidden size, 4 * C       L: n_layer
+e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S), logits_BTV is (B, T, V).
+
+Parameters live in a Haiku dict {module_path: {param_name: array}}. Module paths are built so
+that one function maps each of them onto nanoGPT's state_dict name and back:
+  'transformer/h_0/attn/c_attn'['weight']  <->  'transformer.h.0.attn.c_attn.weight'
+Linear weights are stored (in, out) — GPT-2's Conv1D layout, the transpose of torch's nn.Linear.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import haiku as hk
+import optax
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    activation: str = 'gelu'  # 'gelu' (exact erf, nanoGPT's nn.GELU) or 'gelu_new' (tanh approx, GPT-2 checkpoints)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.activation not in ('gelu', 'gelu_new'):
+            raise ValueError(f"activation must be 'gelu' or 'gelu_new', got {self.activation!r}")
+
+
+# -----------------------------------------------------------------------------
+# modules
+
+class Linear(hk.Module):
+    """nn.Linear with nanoGPT's init; weight stored (in, out)."""
+
+    def __init__(self, out_features, bias=True, std=0.02, name=None):
+        super().__init__(name=name)
+        self.out_features = out_features
+        self.use_bias = bias
+        self.std = std
+
+    def __call__(self, x):
+        w = hk.get_parameter('weight', (x.shape[-1], self.out_features), init=hk.initializers.RandomNormal(self.std))
+        y = x @ w.astype(x.dtype)
+        if self.use_bias:
+            y = y + hk.get_parameter('bias', (self.out_features,), init=jnp.zeros).astype(x.dtype)
+        return y
+
+
+class Embedding(hk.Module):
+    """nn.Embedding with N(0, 0.02) init; `attend` is the tied lm_head (x @ weight.T)."""
+
+    def __init__(self, num_embeddings, embedding_dim, name=None):
+        super().__init__(name=name)
+        self.shape = (num_embeddings, embedding_dim)
+
+    def _weight(self):
+        return hk.get_parameter('weight', self.shape, init=hk.initializers.RandomNormal(0.02))
+
+    def __call__(self, idx):
+        return jnp.take(self._weight(), idx, axis=0)
+
+    def attend(self, x):
+        return x @ self._weight().astype(x.dtype).T
+
+
+class LayerNorm(hk.Module):
+    """LayerNorm with an optional bias (eps 1e-5, as F.layer_norm)."""
+
+    def __init__(self, bias, name=None):
+        super().__init__(name=name)
+        self.use_bias = bias
+
+    def __call__(self, x):
+        C = x.shape[-1]
+        x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * hk.get_parameter('weight', (C,), init=jnp.ones)
+        if self.use_bias:
+            y = y + hk.get_parameter('bias', (C,), init=jnp.zeros)
+        return y.astype(x.dtype)
+
+
+def _dropout(x, rate, is_training):
+    if is_training and rate > 0.0:
+        return hk.dropout(hk.next_rng_key(), rate, x)
+    return x
+
+
+class CausalSelfAttention(hk.Module):
+
+    def __init__(self, config, name=None):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, x_BTC, is_training=False, kv=None, pos=None):
+        """kv: optional (k_BSHD, v_BSHD) cache; the T new tokens sit at positions pos..pos+T-1.
+        Returns (y_BTC, new kv or None)."""
+        cfg = self.config
+        B, T, C = x_BTC.shape
+        H, D = cfg.n_head, C // cfg.n_head
+        c_proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled init of residual projections
+        qkv_BT3C = Linear(3 * C, bias=cfg.bias, name='c_attn')(x_BTC)
+        q_BTHD, k_BTHD, v_BTHD = (a.reshape(B, T, H, D) for a in jnp.split(qkv_BT3C, 3, axis=-1))
+
+        if kv is not None:
+            k_BSHD = jax.lax.dynamic_update_slice(kv[0], k_BTHD.astype(kv[0].dtype), (0, pos, 0, 0))
+            v_BSHD = jax.lax.dynamic_update_slice(kv[1], v_BTHD.astype(kv[1].dtype), (0, pos, 0, 0))
+            S = k_BSHD.shape[1]
+            # query t (absolute position pos+t) sees cache slots 0..pos+t
+            mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
+            y_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSHD.astype(q_BTHD.dtype), v_BSHD.astype(q_BTHD.dtype),
+                                                  mask=mask_TS[None, None])
+            new_kv = (k_BSHD, v_BSHD)
+        elif is_training and cfg.dropout > 0.0:
+            # fused attention has no dropout: the explicit masked-softmax path
+            att_BHTT = jnp.einsum('bthd,bshd->bhts', q_BTHD, k_BTHD) * (1.0 / math.sqrt(D))
+            causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+            att_BHTT = jnp.where(causal_TT, att_BHTT.astype(jnp.float32), -jnp.inf)
+            att_BHTT = jax.nn.softmax(att_BHTT, axis=-1).astype(q_BTHD.dtype)
+            att_BHTT = _dropout(att_BHTT, cfg.dropout, is_training)
+            y_BTHD = jnp.einsum('bhts,bshd->bthd', att_BHTT, v_BTHD)
+            new_kv = None
+        else:
+            y_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True)
+            new_kv = None
+
+        y_BTC = y_BTHD.reshape(B, T, C)
+        y_BTC = Linear(C, bias=cfg.bias, std=c_proj_std, name='c_proj')(y_BTC)
+        return _dropout(y_BTC, cfg.dropout, is_training), new_kv
+
+
+class MLP(hk.Module):
+
+    def __init__(self, config, name=None):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, x_BTC, is_training=False):
+        cfg = self.config
+        h_BTF = Linear(4 * cfg.n_embd, bias=cfg.bias, name='c_fc')(x_BTC)
+        h_BTF = jax.nn.gelu(h_BTF, approximate=(cfg.activation == 'gelu_new'))
+        x_BTC = Linear(cfg.n_embd, bias=cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer), name='c_proj')(h_BTF)
+        return _dropout(x_BTC, cfg.dropout, is_training)
+
+
+class Block(hk.Module):
+
+    def __init__(self, config, name=None):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, x_BTC, is_training=False, kv=None, pos=None):
+        y_BTC, new_kv = CausalSelfAttention(self.config, name='attn')(
+            LayerNorm(self.config.bias, name='ln_1')(x_BTC), is_training, kv, pos)
+        x_BTC = x_BTC + y_BTC
+        x_BTC = x_BTC + MLP(self.config, name='mlp')(LayerNorm(self.config.bias, name='ln_2')(x_BTC), is_training)
+        return x_BTC, new_kv
+
+
+class GPT(hk.Module):
+    """nanoGPT's GPT. The module is named 'transformer' so Haiku paths read like state_dict names;
+    lm_head is wte itself (weight tying: one parameter, not two)."""
+
+    def __init__(self, config, name='transformer'):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, idx_BT, targets_BT=None, is_training=False, cache=None, pos=0):
+        """Without cache: returns (logits, loss). With targets, logits_BTV and the mean cross-entropy
+        over targets != -1; without, logits of the last position only, (B, 1, V), and loss None.
+        With cache (see init_cache): a KV-cache step feeding T new tokens at positions
+        pos..pos+T-1 (pos + T <= block_size); returns (logits_BV of the last new token, new cache)."""
+        cfg = self.config
+        T = idx_BT.shape[1]
+        if cache is None and T > cfg.block_size:
+            raise ValueError(f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
+        wte = Embedding(cfg.vocab_size, cfg.n_embd, name='wte')
+        wpe = Embedding(cfg.block_size, cfg.n_embd, name='wpe')
+        x_BTC = _dropout(wte(idx_BT) + wpe(pos + jnp.arange(T)), cfg.dropout, is_training)
+        new_cache = []
+        for i in range(cfg.n_layer):
+            x_BTC, kv = Block(cfg, name=f'h_{i}')(x_BTC, is_training, None if cache is None else cache[i], pos)
+            new_cache.append(kv)
+        x_BTC = LayerNorm(cfg.bias, name='ln_f')(x_BTC)
+        if cache is not None:
+            return wte.attend(x_BTC[:, -1, :]).astype(jnp.float32), new_cache
+        if targets_BT is None:
+            return wte.attend(x_BTC[:, -1:, :]).astype(jnp.float32), None
+        logits_BTV = wte.attend(x_BTC).astype(jnp.float32)
+        return logits_BTV, cross_entropy(logits_BTV, targets_BT)
+
+
+def cross_entropy(logits_BTV, targets_BT):
+    """F.cross_entropy(..., ignore_index=-1): mean over the positions whose target is not -1."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    valid_BT = targets_BT != -1
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(logits_BTV, jnp.where(valid_BT, targets_BT, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid_BT, lse_BT - picked_BT, 0.0)) / jnp.sum(valid_BT)
+
+
+# -----------------------------------------------------------------------------
+# pure functions (hk.transform) and helpers
+
+def gpt_forward(config):
+    """hk.Transformed: init(rng, idx_BT) and apply(params, rng, idx_BT, targets_BT=None, is_training=False).
+    rng may be None unless is_training with dropout > 0."""
+    def forward(idx_BT, targets_BT=None, is_training=False):
+        return GPT(config)(idx_BT, targets_BT, is_training)
+    return hk.transform(forward)
+
+
+def gpt_decode(config):
+    """hk.Transformed (no rng): apply(params, idx_BT, cache, pos) -> (logits_BV, cache)."""
+    def decode(idx_BT, cache, pos):
+        return GPT(config)(idx_BT, cache=cache, pos=pos)
+    return hk.without_apply_rng(hk.transform(decode))
+
+
+def init_cache(config, batch_size, dtype=jnp.float32):
+    """An empty KV cache: per layer (k_BSHD, v_BSHD) with S = block_size slots."""
+    shape = (batch_size, config.block_size, config.n_head, config.n_embd // config.n_head)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)]
+
+
+def init_params(config, rng):
+    return gpt_forward(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+
+
+def param_shapes(config):
+    """Parameter shapes without allocating anything (jax.eval_shape)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def get_num_params(params, non_embedding=True):
+    """Number of parameters (arrays or shape structs). The position embeddings are subtracted by
+    default; the token embeddings stay because they double as the lm_head weights."""
+    n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    if non_embedding:
+        n -= math.prod(params['transformer/wpe']['weight'].shape)
+    return n
+
+
+def crop_block_size(params, config, block_size):
+    """Model surgery: keep the first block_size position embeddings. Returns (params, config)."""
+    if block_size > config.block_size:
+        raise ValueError(f"cannot crop block_size {config.block_size} up to {block_size}")
+    params = {m: dict(p) for m, p in params.items()}
+    params['transformer/wpe']['weight'] = params['transformer/wpe']['weight'][:block_size]
+    return params, GPTConfig(**{**asdict(config), 'block_size': block_size})
+
+
+# -----------------------------------------------------------------------------
+# parameter names: Haiku path <-> nanoGPT state_dict name (one rule each way)
+
+# weights that torch's nn.Linear stores (out, in); ours (and GPT-2 Conv1D's) are (in, out)
+TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def to_torch_name(module, name):
+    """('transformer/h_0/attn/c_attn', 'weight') -> 'transformer.h.0.attn.c_attn.weight'"""
+    return re.sub(r'\bh_(\d+)\b', r'h.\1', module).replace('/', '.') + '.' + name
+
+
+def from_torch_name(key):
+    """'transformer.h.0.attn.c_attn.weight' -> ('transformer/h_0/attn/c_attn', 'weight')"""
+    module, name = key.rsplit('.', 1)
+    return re.sub(r'\bh\.(\d+)\b', r'h_\1', module).replace('.', '/'), name
+
+
+def to_state_dict(params):
+    """Params -> nanoGPT state_dict as numpy arrays, torch layout (lm_head.weight included, tied)."""
+    sd = {}
+    for module, p in params.items():
+        for name, value in p.items():
+            key = to_torch_name(module, name)
+            value = np.asarray(value)
+            sd[key] = value.T if key.endswith(TRANSPOSED) else value
+    sd['lm_head.weight'] = sd['transformer.wte.weight']
+    return sd
+
+
+def from_state_dict(sd):
+    """nanoGPT state_dict (numpy or anything np.asarray takes, torch layout) -> params.
+    Tolerates torch.compile's '_orig_mod.' prefix and the non-parameter attn.bias buffer."""
+    params = {}
+    for key, value in sd.items():
+        key = key.removeprefix('_orig_mod.')
+        if key == 'lm_head.weight' or key.endswith(('.attn.bias', '.attn.masked_bias')):
+            continue  # tied to wte / causal-mask buffers
+        value = np.asarray(value)
+        module, name = from_torch_name(key)
+        params.setdefault(module, {})[name] = jnp.asarray(value.T if key.endswith(TRANSPOSED) else value)
+    return params
+
+
+# -----------------------------------------------------------------------------
+# pretrained GPT-2 (Hugging Face safetensors; no torch needed)
+
+PRETRAINED = {
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768),  # 124M params
+    'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),  # 350M params
+    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280),  # 774M params
+    'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M params
+}
+
+
+def from_pretrained(model_type, override_args=None):
+    """Load GPT-2 weights: model_type is 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl'
+    (from the Hugging Face hub) or a local directory holding config.json + model.safetensors
+    (what GPT2LMHeadModel.save_pretrained writes). Returns (config, params)."""
+    from safetensors.numpy import load_file
+    override_args = override_args or {}
+    bad = [k for k in override_args if k != 'dropout']
+    if bad:
+        raise ValueError(f"only dropout can be overridden when loading pretrained weights, not {bad}")
+    if os.path.isdir(model_type):
+        folder = model_type
+        config_path, weights_path = os.path.join(folder, 'config.json'), os.path.join(folder, 'model.safetensors')
+        for path in (config_path, weights_path):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} not found: a GPT-2 directory needs config.json and model.safetensors")
+    elif model_type in PRETRAINED:
+        from huggingface_hub import hf_hub_download
+        config_path = hf_hub_download(model_type, 'config.json')
+        weights_path = hf_hub_download(model_type, 'model.safetensors')
+    else:
+        raise ValueError(f"unknown pretrained model {model_type!r}: use one of {sorted(PRETRAINED)} or a local directory")
+    print(f"loading weights from pretrained gpt: {model_type}")
+    with open(config_path) as f:
+        hf = json.load(f)
+    config_args = dict(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
+                       vocab_size=hf['vocab_size'], block_size=hf['n_positions'], bias=True,
+                       activation=hf.get('activation_function', 'gelu_new'))
+    if model_type in PRETRAINED:
+        print("forcing vocab_size=50257, block_size=1024, bias=True")
+        assert config_args['vocab_size'] == 50257 and config_args['block_size'] == 1024
+    if 'dropout' in override_args:
+        print(f"overriding dropout rate to {override_args['dropout']}")
+        config_args['dropout'] = override_args['dropout']
+    config = GPTConfig(**config_args)
+
+    hf_sd = load_file(weights_path)
+    sd = {}
+    for key, value in hf_sd.items():
+        key = key if key.startswith(('transformer.', 'lm_head.')) else 'transformer.' + key
+        # GPT-2's Conv1D stores (in, out): transpose into torch nn.Linear layout, as nanoGPT does
+        sd[key] = value.T if key.endswith(TRANSPOSED) else value
+    params = from_state_dict(sd)
+    expected = param_shapes(config)
+    got = jax.tree.map(lambda a: a.shape, params)
+    want = jax.tree.map(lambda a: a.shape, expected)
+    if got != want:
+        raise ValueError(f"{weights_path}: parameters do not match a GPT-2 of {config}")
+    return config, params
+
+
+# -----------------------------------------------------------------------------
+# optimizer and MFU
+
+def configure_optimizers(params, weight_decay, learning_rate, betas, device_type=None, grad_clip=0.0):
+    """optax AdamW (torch.optim.AdamW semantics, eps 1e-8) with weight decay on >=2-D parameters
+    only, after global-norm clipping when grad_clip > 0. The learning rate is an injected
+    hyperparameter: set opt_state.hyperparams['learning_rate'] each step, as nanoGPT sets
+    param_group['lr']. device_type is accepted for nanoGPT's signature; XLA fuses the update anyway."""
+    leaves = jax.tree.leaves(params)
+    decay = [p for p in leaves if p.ndim >= 2]
+    nodecay = [p for p in leaves if p.ndim < 2]
+    print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.size for p in decay):,} parameters")
+    print(f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.size for p in nodecay):,} parameters")
+
+    def make(learning_rate):
+        adamw = optax.adamw(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay,
+                            mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+        return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0.0 else adamw
+    return optax.inject_hyperparams(make)(learning_rate=learning_rate)
+
+
+# dense bf16 peak FLOP/s by device kind (substring of jax's device_kind)
+PEAK_FLOPS = {
+    'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'A10G': 125e12, 'L4': 121e12, 'V100': 125e12,
+    'RTX 4090': 165e12, 'RTX 3090': 71e12,
+    'TPU v6': 918e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v4': 275e12,
+}
+
+
+def device_peak_flops(device=None):
+    """Peak FLOP/s for a device from the table above, or None when unknown (e.g. a CPU: measure it)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def estimate_mfu(config, num_params, fwdbwd_per_iter, dt, peak_flops=312e12):
+    """Model FLOPs utilization (PaLM appendix B), as nanoGPT: the ratio of achieved FLOP/s to
+    peak_flops (default A100 bf16, nanoGPT's unit). num_params: get_num_params(params)."""
+    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
+    flops_per_token = 6 * num_params + 12 * L * H * Q * T
+    flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+    return flops_per_iter / dt / peak_flops
