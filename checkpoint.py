@@ -1,0 +1,118 @@
+"""
+Checkpoints that load without executing code (nanoGPT's torch.save / torch.load role).
+
+One file, out_dir/ckpt.safetensors: every array in safetensors (a flat name -> tensor table, no
+pickle) and everything else as JSON in the safetensors metadata. Written atomically: a temp file
+in the same directory, fsync, rename, fsync of the directory — so a crash at any moment leaves
+either the old checkpoint or the new one, never a torn file. A sha256 over the array bytes
+catches corruption that the safetensors header alone would not.
+
+Array names:
+  model.<nanoGPT state_dict name>   parameters in torch layout (model.to_state_dict), so the weights
+                                    move to nanoGPT by name; lm_head.weight is omitted (tied to wte)
+  optimizer<pytree key path>        optax state, restored into the structure of optimizer.init(params)
+  <anything else>                   e.g. PRNG state, as the caller chooses
+"""
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+import jax
+
+CKPT_NAME = 'ckpt.safetensors'
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, truncated, corrupted or not ours. The message names the file."""
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path, arrays, meta):
+    """Atomically write arrays (name -> numpy-convertible) and meta (JSON-serialisable) to path."""
+    from safetensors.numpy import save
+    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
+    blob = save(arrays, metadata={'meta': json.dumps(meta), 'sha256': _digest(arrays)})
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.safetensors', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """Returns (arrays, meta). Raises CheckpointError with one clear line for any bad file."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py ...) or check --out_dir")
+    try:
+        with safe_open(path, framework='numpy') as f:
+            header = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for torn or foreign files
+        raise CheckpointError(f"{path} is truncated or not a checkpoint ({type(e).__name__}: {e}); "
+                              f"restore it or train again") from None
+    if 'meta' not in header or 'sha256' not in header:
+        raise CheckpointError(f"{path} is not a checkpoint written by this project (no metadata)")
+    if _digest(arrays) != header['sha256']:
+        raise CheckpointError(f"{path} is corrupted (checksum mismatch); restore it or train again")
+    try:
+        meta = json.loads(header['meta'])
+    except ValueError:
+        raise CheckpointError(f"{path} has unreadable metadata; restore it or train again") from None
+    return arrays, meta
+
+
+def flatten(tree, prefix):
+    """Pytree -> {prefix + key path: leaf}, e.g. flatten(opt_state, 'optimizer') gives
+    'optimizer.count', "optimizer.hyperparams['learning_rate']", ..."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {prefix + jax.tree_util.keystr(kp): np.asarray(leaf) for kp, leaf in leaves}
+
+
+def unflatten_like(template, arrays, prefix, path='checkpoint'):
+    """Fill template's structure with arrays[prefix + key path]; shapes must agree."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for kp, leaf in leaves:
+        name = prefix + jax.tree_util.keystr(kp)
+        if name not in arrays:
+            raise CheckpointError(f"{path} lacks {name}: it was written for a different model or optimizer")
+        value = arrays[name]
+        if np.size(value) == np.size(leaf) == 1:
+            value = np.reshape(value, np.shape(leaf))  # safetensors stores 0-d arrays as (1,)
+        if np.shape(value) != np.shape(leaf):
+            raise CheckpointError(f"{path}: {name} has shape {np.shape(value)}, expected {np.shape(leaf)}")
+        out.append(value.astype(np.asarray(leaf).dtype) if hasattr(leaf, 'dtype') else value)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def params_to_arrays(params):
+    """Parameters -> 'model.<state_dict name>' arrays (torch layout, lm_head omitted: it is wte)."""
+    from model import to_state_dict
+    return {'model.' + k: v for k, v in to_state_dict(params).items() if k != 'lm_head.weight'}
+
+
+def params_from_arrays(arrays):
+    from model import from_state_dict
+    return from_state_dict({k[len('model.'):]: v for k, v in arrays.items() if k.startswith('model.')})
