@@ -116,3 +116,40 @@ def params_to_arrays(params):
 def params_from_arrays(arrays):
     from model import from_state_dict
     return from_state_dict({k[len('model.'):]: v for k, v in arrays.items() if k.startswith('model.')})
+
+
+# -----------------------------------------------------------------------------
+# dataset vocabulary metadata (data/<dataset>/meta.json, or nanoGPT's meta.pkl)
+
+class _PlainUnpickler(__import__('pickle').Unpickler):
+    """Unpickles plain data only: a pickle that names any class or function is refused, so a
+    crafted meta.pkl cannot run code. nanoGPT's meta.pkl is a dict of str/int, which passes."""
+
+    def find_class(self, module, name):
+        raise CheckpointError(f"refusing to load {module}.{name}: meta.pkl may only hold plain dicts, strings and ints")
+
+
+def load_meta(data_dir):
+    """The vocabulary of data_dir as {'vocab_size': int, 'stoi': {str: int}, 'itos': {int: str}},
+    from meta.json (what our prepare.py writes) or nanoGPT's meta.pkl; None when neither exists."""
+    json_path, pkl_path = os.path.join(data_dir, 'meta.json'), os.path.join(data_dir, 'meta.pkl')
+    try:
+        if os.path.exists(json_path):
+            path = json_path
+            with open(json_path) as f:
+                meta = json.load(f)
+        elif os.path.exists(pkl_path):
+            path = pkl_path
+            with open(pkl_path, 'rb') as f:
+                meta = _PlainUnpickler(f).load()
+        else:
+            return None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); run prepare.py again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
+        raise CheckpointError(f"{path} has no integer vocab_size; run prepare.py again")
+    if 'itos' in meta:  # JSON object keys are strings
+        meta['itos'] = {int(i): s for i, s in meta['itos'].items()}
+    return meta
