@@ -1,0 +1,444 @@
+"""
+This training script runs on one device in debug mode, on all the devices of a machine (data
+parallel with jax.pmap, DDP's role), and across machines (JAX's distributed runtime, torchrun's).
+
+To run on one machine (all its GPUs, or the CPU), example:
+$ python train.py --batch_size=32
+
+To run across 2 machines with 8 GPUs each: the same command on both, told where process 0 is:
+$ JAX_COORDINATOR_ADDRESS=123.456.123.456:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python train.py
+$ JAX_COORDINATOR_ADDRESS=123.456.123.456:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python train.py
+(or --coordinator_address=... --num_processes=2 --process_id=N)
+
+Data come from data/<dataset>/ relative to the working directory (an absolute --dataset path
+works too). The compiled step itself lives in training.py.
+"""
+
+import os
+import sys
+
+# -----------------------------------------------------------------------------
+# CPU XLA flags: the one place to set them, because XLA reads them when jax is imported.
+# Nothing by default. bench.py reports which flags help on CPU; add them here, e.g.
+# '--xla_force_host_platform_device_count=2' splits the CPU into 2 devices for pmap.
+CPU_XLA_FLAGS = ''
+if CPU_XLA_FLAGS:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + CPU_XLA_FLAGS).strip()
+del CPU_XLA_FLAGS
+# -----------------------------------------------------------------------------
+
+import time
+import math
+import tempfile
+
+import numpy as np
+import jax
+
+from model import GPTConfig, init_params, param_shapes, get_num_params, crop_block_size, from_pretrained, \
+    configure_optimizers, estimate_mfu, device_peak_flops
+from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpoint, flatten, unflatten_like, \
+    params_to_arrays, params_from_arrays, load_meta
+import training
+
+# -----------------------------------------------------------------------------
+# default config values designed to train a gpt2 (124M) on OpenWebText
+# I/O
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False # if True, script exits right after the first eval
+always_save_checkpoint = True # if True, always save a checkpoint after each eval
+init_from = 'scratch' # 'scratch' or 'resume' or 'gpt2*' or a local Hugging Face GPT-2 directory
+# wandb logging
+wandb_log = False # disabled by default
+wandb_project = 'owt'
+wandb_run_name = 'gpt2' # 'run' + str(time.time())
+# data
+dataset = 'openwebtext'
+gradient_accumulation_steps = 5 * 8 # used to simulate larger batch sizes; split across all devices
+batch_size = 12 # per device; if gradient_accumulation_steps > 1, this is the micro-batch size
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
+bias = False # do we use bias inside LayerNorm and Linear layers?
+# adamw optimizer
+learning_rate = 6e-4 # max learning rate
+max_iters = 600000 # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0 # clip gradients at this value, or disable if == 0.0
+# learning rate decay settings
+decay_lr = True # whether to decay the learning rate
+warmup_iters = 2000 # how many steps to warm up for
+lr_decay_iters = 600000 # should be ~= max_iters per Chinchilla
+min_lr = 6e-5 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# distributed: one process per machine, JAX's runtime connects them (torchrun + DDP's role)
+backend = 'nccl' # kept for nanoGPT's command lines; JAX picks GPU/TPU collectives itself, 'mpi' selects MPI for CPU (default gloo)
+coordinator_address = '' # 'host:port' of process 0; default $JAX_COORDINATOR_ADDRESS
+num_processes = 0 # default $JAX_NUM_PROCESSES, else 1
+process_id = -1 # default $JAX_PROCESS_ID
+# system
+device = 'cuda' # 'cpu', 'cuda' (all local GPUs), 'cuda:0', 'tpu', ...: the JAX platform; 'cuda' falls back to what JAX has
+dtype = 'auto' # 'float32', 'bfloat16', or 'float16' (dynamic loss scaling); 'auto': bfloat16 on GPU/TPU, float32 on CPU
+compile = True # kept for nanoGPT's command lines: JAX always compiles the step with XLA (see README)
+seed = 1337 # model init, batches and dropout are pure functions of the seed and the iteration
+# -----------------------------------------------------------------------------
+config_keys = [k for k,v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read()) # overrides from command line or config file
+config = {k: globals()[k] for k in config_keys} # will be useful for logging
+# -----------------------------------------------------------------------------
+
+def die(msg):
+    """Known bad input or state: one clear line on stderr, non-zero exit, nothing half-done."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+# multi-process: must connect before anything asks JAX for devices
+coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
+try:
+    num_processes = num_processes if num_processes > 0 else int(os.environ.get('JAX_NUM_PROCESSES', '1'))
+    process_id = process_id if process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', '0'))
+except ValueError:
+    die("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers")
+if num_processes > 1:
+    if not coordinator_address:
+        die(f"num_processes={num_processes} needs a coordinator: set --coordinator_address=host:port or JAX_COORDINATOR_ADDRESS")
+    if not 0 <= process_id < num_processes:
+        die(f"process_id={process_id} must be in [0, {num_processes})")
+    jax.config.update('jax_cpu_collectives_implementation', 'mpi' if backend == 'mpi' else 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+# devices: `device` names the platform, optionally one device of it ('cuda:1')
+platform_name, _, device_index = device.partition(':')
+platform = {'cuda': 'gpu', 'gpu': 'gpu', 'rocm': 'gpu', 'cpu': 'cpu', 'tpu': 'tpu', 'mps': 'METAL'}.get(platform_name, platform_name)
+try:
+    all_devices = jax.devices(platform)
+except RuntimeError:
+    if platform == 'gpu' and not device_index:
+        all_devices = jax.devices()
+        print(f"device={device!r} but JAX finds no GPU: training on {all_devices[0].platform}")
+    else:
+        die(f"device={device!r}: JAX has no {platform_name} platform here (it has {jax.default_backend()}); try --device=cpu")
+if device_index:
+    if not device_index.isdigit() or int(device_index) >= len(all_devices):
+        die(f"device={device!r}: there are {len(all_devices)} {platform_name} devices")
+    if jax.process_count() > 1:
+        die(f"device={device!r}: pick one device only in a single-process run")
+    all_devices = [all_devices[int(device_index)]]
+local_devices = [d for d in all_devices if d.process_index == jax.process_index()]
+world = len(all_devices) # devices sharing one iteration, over all processes (DDP's world size)
+local_positions = [all_devices.index(d) for d in local_devices] # this process's devices in pmap order
+platform = all_devices[0].platform
+master_process = jax.process_index() == 0 # this process will do logging, checkpointing etc.
+if dtype == 'auto':
+    dtype = 'bfloat16' if platform in ('gpu', 'tpu') else 'float32'
+if dtype not in training.DTYPES:
+    die(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+config['dtype'] = dtype
+if not compile:
+    print("compile=False: JAX runs the training step through XLA either way (there is no eager fast path); "
+          "the flag is accepted for nanoGPT's command lines")
+
+# like DDP, gradient accumulation is split across the devices and batch_size is per device
+if gradient_accumulation_steps < 1 or batch_size < 1 or block_size < 1:
+    die("gradient_accumulation_steps, batch_size and block_size must be positive")
+if gradient_accumulation_steps % world != 0:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({world})")
+micro_steps = gradient_accumulation_steps // world # per device, per iteration
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master_process:
+    print(f"training on {world} {platform} device(s) in {jax.process_count()} process(es), dtype {dtype}, "
+          f"{micro_steps} micro-step(s) of batch_size {batch_size} per device")
+print(f"tokens per iteration will be: {tokens_per_iter:,}")
+
+if master_process:
+    try: # fail now, not at the first checkpoint hours from now
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        die(f"out_dir {out_dir!r} is not writable ({e.strerror}): choose another --out_dir")
+
+# poor man's data loader: random windows of the uint16 token files
+data_dir = os.path.join('data', dataset)
+num_tokens = {}
+for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        die(f"{path} not found: run python data/{dataset}/prepare.py first")
+    num_tokens[split] = os.path.getsize(path) // 2
+    if num_tokens[split] <= block_size:
+        die(f"{path} holds {num_tokens[split]} tokens, too few for block_size={block_size} "
+            f"(needs at least {block_size + 1}): lower --block_size or prepare more data")
+
+def load_split(split):
+    # a new memmap every batch avoids a memory leak, as nanoGPT does
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+def make_train_batch(it):
+    """This process's share of iteration it: (local devices, micro_steps, batch_size, block_size).
+    Micro-batch g of the iteration goes to device g // micro_steps, wherever that device lives."""
+    starts = training.batch_indices(seed, 'train', it, num_tokens['train'], block_size, (gradient_accumulation_steps, batch_size))
+    mine = starts.reshape(world, micro_steps, batch_size)[local_positions]
+    x, y = training.get_batch(load_split('train'), mine, block_size)
+    micro = (np.asarray(local_positions)[:, None] * micro_steps + np.arange(micro_steps)).astype(np.int32)
+    return training.Batch(x, y, micro)
+
+eval_per_device = -(-eval_iters // world) # eval_iters batches spread over the devices, the rest masked out
+
+def make_eval_batch(split, it):
+    purpose = 'val' if split == 'val' else 'eval_train'
+    starts = training.batch_indices(seed, purpose, it, num_tokens[split], block_size, (world * eval_per_device, batch_size))
+    rows = np.asarray(local_positions)[:, None] * eval_per_device + np.arange(eval_per_device)
+    x, y = training.get_batch(load_split(split), starts[rows], block_size)
+    return x, y, rows < eval_iters
+
+# init these up here, can override if init_from='resume' (i.e. from a checkpoint)
+iter_num = 0
+best_val_loss = 1e9
+
+# attempt to derive vocab_size from the dataset
+try:
+    meta = load_meta(data_dir)
+except CheckpointError as e:
+    die(str(e))
+meta_vocab_size = None
+if meta is not None:
+    meta_vocab_size = meta['vocab_size']
+    print(f"found vocab_size = {meta_vocab_size} (inside {data_dir})")
+
+# model init
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                  bias=bias, vocab_size=None, dropout=dropout, activation='gelu') # start with model_args from command line
+params = None # created after the memory check when training from scratch
+ckpt_arrays = None
+try:
+    if init_from == 'scratch':
+        # init a new model from scratch
+        print("Initializing a new model from scratch")
+        # determine the vocab size we'll use for from-scratch training
+        if meta_vocab_size is None:
+            print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
+        model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
+        gptconf = GPTConfig(**model_args)
+    elif init_from == 'resume':
+        print(f"Resuming training from {out_dir}")
+        ckpt_path = os.path.join(out_dir, CKPT_NAME)
+        ckpt_arrays, checkpoint = load_checkpoint(ckpt_path)
+        # force these config attributes to be equal otherwise we can't even resume training
+        # the rest of the attributes (e.g. dropout) can stay as desired from command line
+        for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size']:
+            model_args[k] = checkpoint['model_args'][k]
+        model_args['activation'] = checkpoint['model_args'].get('activation', 'gelu')
+        if meta_vocab_size is not None and meta_vocab_size != model_args['vocab_size']:
+            die(f"{ckpt_path} has vocab_size {model_args['vocab_size']} but {data_dir} has {meta_vocab_size}: "
+                f"it was trained on another dataset (--dataset) or the data were prepared again")
+        gptconf = GPTConfig(**model_args)
+        params = params_from_arrays(ckpt_arrays)
+        if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, param_shapes(gptconf)):
+            die(f"{ckpt_path}: its parameters do not match its model_args {checkpoint['model_args']}")
+        iter_num = checkpoint['iter_num']
+        best_val_loss = checkpoint['best_val_loss']
+        if checkpoint.get('seed', seed) != seed:
+            print(f"using the checkpoint's seed {checkpoint['seed']} (not {seed}) so batches continue where they left off")
+            seed = checkpoint['seed']
+            config['seed'] = seed
+    elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+        print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+        # initialize from OpenAI GPT-2 weights
+        override_args = dict(dropout=dropout)
+        gptconf, params = from_pretrained(init_from, override_args)
+        # read off the created config params, so we can store them into checkpoint correctly
+        for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'activation']:
+            model_args[k] = getattr(gptconf, k)
+    else:
+        die(f"init_from={init_from!r}: use 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' "
+            f"or a local GPT-2 directory")
+except CheckpointError as e:
+    die(str(e))
+except (ValueError, OSError, KeyError) as e: # bad model_args, missing or unreadable weights
+    die(f"cannot initialize from {init_from!r}: {type(e).__name__}: {e}")
+# crop down the model block size if desired, using model surgery
+if block_size < gptconf.block_size:
+    params, gptconf = crop_block_size(params, gptconf, block_size)
+    model_args['block_size'] = block_size # so that the checkpoint will have the right value
+elif block_size > gptconf.block_size:
+    die(f"block_size={block_size} is longer than the model's {gptconf.block_size} (init_from={init_from!r})")
+num_params = get_num_params(param_shapes(gptconf))
+print(f"number of parameters: {num_params/1e6:.2f}M")
+
+# mixed precision: compute in dtype, master weights and optimizer state in fp32
+training.set_precision(dtype)
+shapes = param_shapes(gptconf)
+optimizer = configure_optimizers(shapes, weight_decay, learning_rate, (beta1, beta2), platform, grad_clip)
+
+# compile the step ahead of time, on shapes only: nothing is allocated until we know it fits
+print("compiling the training step...")
+train_step = training.pmap_train_step(training.make_train_step(gptconf, optimizer), all_devices)
+eval_step = training.pmap_eval_step(training.make_eval_step(gptconf), all_devices)
+n_local = len(local_devices)
+abstract_state = training.with_device_axis(jax.eval_shape(
+    lambda p: training.init_train_state(p, optimizer, dtype, seed), shapes), n_local)
+tokens_shape = jax.ShapeDtypeStruct((n_local, micro_steps, batch_size, block_size), np.int32)
+abstract_batch = training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((n_local, micro_steps), np.int32))
+scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
+train_step, train_compile_s = training.compile_ahead(train_step, abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
+eval_batch_shape = jax.ShapeDtypeStruct((n_local, eval_per_device, batch_size, block_size), np.int32)
+eval_step, eval_compile_s = training.compile_ahead(eval_step, abstract_state.params, eval_batch_shape, eval_batch_shape,
+                                                   jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
+print(f"compile time: {train_compile_s:.1f}s (train step), {eval_compile_s:.1f}s (eval step)")
+
+# will it fit? XLA's own estimate of the step's peak memory against the device's memory
+need = [training.compiled_bytes(c) for c in (train_step, eval_step)]
+have = training.device_memory_bytes(local_devices[0])
+if None not in need:
+    need = max(need) * (n_local if platform == 'cpu' else 1) # host devices share the machine's RAM
+    where = f"{n_local} cpu device(s) (machine RAM)" if platform == 'cpu' else f"one {local_devices[0].device_kind}"
+    have_s = f"{have / 2**30:.2f} GiB" if have else "an unknown amount"
+    print(f"memory: the compiled step needs ~{need / 2**30:.3f} GiB (XLA estimate) on {where}, which has {have_s}")
+    if have and need > have:
+        die(f"the compiled training step needs ~{need / 2**30:.2f} GiB but {where} has {have / 2**30:.2f} GiB: "
+            f"lower --batch_size (raise --gradient_accumulation_steps to keep the tokens per iteration), "
+            f"--block_size or the model size")
+
+# create the train state on the first local device, then one copy per device
+with jax.default_device(local_devices[0]):
+    if params is None:
+        params = init_params(gptconf, jax.random.PRNGKey(seed))
+    state = training.init_train_state(params, optimizer, dtype, seed)
+    if ckpt_arrays is not None:
+        try:
+            state = state._replace(opt_state=unflatten_like(state.opt_state, ckpt_arrays, 'optimizer', ckpt_path))
+            if state.loss_scale != () and any(k.startswith('loss_scale') for k in ckpt_arrays):
+                state = state._replace(loss_scale=unflatten_like(state.loss_scale, ckpt_arrays, 'loss_scale', ckpt_path))
+        except CheckpointError as e:
+            die(str(e))
+state = training.replicate(state, local_devices)
+params = ckpt_arrays = None # free host memory: the devices hold the state now
+
+# helps estimate an arbitrarily accurate loss over either split using many batches
+def estimate_loss():
+    out = {}
+    for split in ['train', 'val']:
+        x, y, valid = training.shard(make_eval_batch(split, iter_num), local_devices)
+        total = eval_step(state.params, x, y, valid) # summed over batches and devices
+        out[split] = float(np.asarray(total.addressable_shards[0].data).reshape(())) / eval_iters
+    return out
+
+# learning rate decay scheduler (cosine with warmup)
+def get_lr(it):
+    return training.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+
+last_saved = None # iteration of the checkpoint this run wrote last
+
+def save(iter_num, best_val_loss):
+    global last_saved
+    host = training.unreplicate(state)
+    arrays = {**params_to_arrays(host.params), **flatten(host.opt_state, 'optimizer'), **flatten(host.loss_scale, 'loss_scale')}
+    meta = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+            'config': config, 'seed': seed, 'dtype': dtype}
+    print(f"saving checkpoint to {out_dir}")
+    try:
+        save_checkpoint(os.path.join(out_dir, CKPT_NAME), arrays, meta)
+    except OSError as e:
+        die(f"cannot write the checkpoint to {out_dir} ({e.strerror}); the previous checkpoint is intact")
+    last_saved = iter_num
+
+def stop_diverged(it, what):
+    on_disk = os.path.join(out_dir, CKPT_NAME)
+    kept = (f"the checkpoint in {out_dir} (iter {last_saved}) is untouched" if last_saved is not None else
+            f"the checkpoint in {out_dir} is untouched" if os.path.exists(on_disk) else "no checkpoint was written")
+    die(f"iter {it}: {what}, training diverged and stops here; {kept}. Try a lower --learning_rate or --grad_clip")
+
+def loss_of(it, metrics):
+    """Waits for the step of iteration it and returns its loss; stops on nan/inf."""
+    lossf = float(np.asarray(metrics['loss'].addressable_shards[0].data).reshape(()))
+    if not math.isfinite(lossf):
+        stop_diverged(it, f"loss is {lossf}")
+    return lossf
+
+# logging
+if wandb_log and master_process:
+    try:
+        import wandb
+    except ImportError:
+        die("wandb_log=True but wandb is not installed: pip install wandb")
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# training loop
+prefetch = training.Prefetcher(make_train_batch, local_devices, start=iter_num) # the first batches are on their way
+t0 = time.time()
+iters_since_log = 0
+local_iter_num = 0 # number of iterations in the lifetime of this process
+running_mfu = -1.0
+peak_flops = device_peak_flops(local_devices[0]) or 312e12 # unknown devices (CPUs) are measured against an A100, as nanoGPT
+in_flight = None # (iter, metrics) of the previous step: checked one step late so the device never idles
+while True:
+
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num)
+
+    # evaluate the loss on train/val sets and write checkpoints
+    if iter_num % eval_interval == 0:
+        if in_flight is not None: # never evaluate or save after a diverged step
+            loss_of(*in_flight)
+            in_flight = None
+        losses = estimate_loss() # every process takes part (the eval is pmapped); the master reports
+        if not math.isfinite(losses['val']):
+            stop_diverged(iter_num, f"val loss is {losses['val']}")
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if wandb_log:
+                wandb.log({
+                    "iter": iter_num,
+                    "train/loss": losses['train'],
+                    "val/loss": losses['val'],
+                    "lr": lr,
+                    "mfu": running_mfu*100, # convert to percentage
+                })
+        if losses['val'] < best_val_loss or always_save_checkpoint:
+            best_val_loss = losses['val']
+            if iter_num > 0 and master_process:
+                save(iter_num, best_val_loss)
+    if iter_num == 0 and eval_only:
+        break
+
+    # forward, backward over all micro-batches, gradient average across devices and AdamW:
+    # one compiled call, dispatched asynchronously while the next batch is prepared
+    state, metrics = train_step(state, prefetch.get(iter_num), np.float32(lr), np.int32(iter_num))
+    if in_flight is not None:
+        loss_of(*in_flight)
+    in_flight = (iter_num, metrics)
+    iters_since_log += 1
+
+    # timing and logging
+    if iter_num % log_interval == 0:
+        # get loss as float. note: this is a CPU-device sync point (every process checks for nan)
+        lossf = loss_of(*in_flight)
+        in_flight = None
+        t1 = time.time()
+        dt = (t1 - t0) / iters_since_log # mean over the iterations since the last log line
+        t0, iters_since_log = t1, 0
+        if master_process:
+            if local_iter_num >= 5: # let the training loop settle a bit
+                mfu = estimate_mfu(gptconf, num_params, batch_size * micro_steps, dt, peak_flops)
+                running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
+            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
+    iter_num += 1
+    local_iter_num += 1
+
+    # termination conditions
+    if iter_num > max_iters:
+        break
+
+if in_flight is not None:
+    loss_of(*in_flight)
+prefetch.close()
+if wandb_log and master_process:
+    wandb.finish()

@@ -1,0 +1,342 @@
+"""
+The compiled pieces of training: everything train.py runs per iteration, importable on its own
+(bench.py times exactly this step). train.py is the readable script around these functions.
+
+    policy    = set_precision('bfloat16')                 # jmp policy on model.GPT (autocast's role)
+    optimizer = model.configure_optimizers(params, weight_decay, learning_rate, (beta1, beta2), grad_clip=grad_clip)
+    state     = init_train_state(params, optimizer, 'bfloat16', seed)          # TrainState, one copy
+    step      = pmap_train_step(make_train_step(config, optimizer))            # jax.pmap, state donated
+    state     = replicate(state, devices)                                      # one copy per device
+    batch     = shard(Batch(x, y, micro), devices)    # x, y: (devices, micro_steps, batch_size, block_size)
+    state, metrics = step(state, batch, np.float32(lr), np.int32(iter_num))    # metrics['loss'][0]
+
+One call of the step is one whole iteration on every device: forward and backward over the
+device's micro-batches (lax.scan, gradients summed in fp32), the gradient average across devices
+(lax.pmean, DDP's all-reduce), clipping, AdamW, and for float16 the dynamic loss scale.
+
+Data are pure functions of (seed, iteration, micro-batch index): batch_indices draws the window
+starts of all the iteration's micro-batches; a device (or process) reads only its own share.
+The same iteration therefore sees the same tokens on 1 device with 8 micro-steps, on 8 devices
+with 1 each, or after a resume.
+"""
+import math
+import queue
+import threading
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax import lax
+import haiku as hk
+import jmp
+import optax
+
+import model
+
+AXIS = 'batch'  # name of the pmap axis: the devices that share one iteration (DDP's world)
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+# -----------------------------------------------------------------------------
+# learning rate schedule
+
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, min_lr after."""
+    if not decay_lr:
+        return learning_rate
+    # 1) linear warmup for warmup_iters steps
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    # 2) past lr_decay_iters (or no room to decay at all), the minimum
+    if it > lr_decay_iters or lr_decay_iters <= warmup_iters:
+        return min_lr
+    # 3) in between, cosine from learning_rate down to min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1..0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# mixed precision
+
+def set_precision(dtype):
+    """Computes model.GPT in dtype with fp32 master parameters: a jmp policy set on the module class
+    (torch.autocast's role). LayerNorm gets its own policy so its parameters and statistics stay
+    fp32 and only its output is cast. Applies to everything traced afterwards in this thread.
+    Returns the GPT policy."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype == 'float32':
+        hk.mixed_precision.clear_policy(model.GPT)
+        hk.mixed_precision.clear_policy(model.LayerNorm)
+        return jmp.get_policy('float32')
+    half = DTYPES[dtype]
+    policy = jmp.Policy(param_dtype=jnp.float32, compute_dtype=half, output_dtype=jnp.float32)
+    hk.mixed_precision.set_policy(model.GPT, policy)
+    hk.mixed_precision.set_policy(model.LayerNorm, jmp.Policy(jnp.float32, jnp.float32, half))
+    return policy
+
+
+class LossScale(NamedTuple):
+    """float16's dynamic loss scale as plain arrays (jmp.DynamicLossScale is rebuilt from them in
+    the step: jmp's own pytree does not survive jax's ahead-of-time lowering)."""
+    scale: Any    # fp32
+    counter: Any  # int32, good steps since the last change
+
+
+# torch.cuda.amp.GradScaler's defaults: start at 2**16, halve on overflow, double after 2000 good steps
+LOSS_SCALE_INIT, LOSS_SCALE_PERIOD, LOSS_SCALE_FACTOR = 2.0 ** 16, 2000, 2
+
+
+def init_loss_scale(dtype):
+    """float16 needs dynamic loss scaling; the other dtypes need none (an empty tuple)."""
+    if dtype == 'float16':
+        return LossScale(np.float32(LOSS_SCALE_INIT), np.int32(0))
+    return ()
+
+
+def _jmp_loss_scale(loss_scale):
+    if loss_scale == ():
+        return jmp.NoOpLossScale()
+    return jmp.DynamicLossScale(loss_scale.scale, loss_scale.counter, period=LOSS_SCALE_PERIOD, factor=LOSS_SCALE_FACTOR)
+
+
+# -----------------------------------------------------------------------------
+# train state and the compiled step
+
+class TrainState(NamedTuple):
+    params: Any      # fp32 master parameters (Haiku dict)
+    opt_state: Any   # optax state; opt_state.hyperparams['learning_rate'] is set by every step
+    loss_scale: Any  # LossScale for float16, () otherwise
+    rng: Any         # base PRNG key from the seed; dropout keys fold in iteration and micro-batch
+
+
+class Batch(NamedTuple):
+    x: Any      # (M, B, T) int32 inputs, M micro-batches (a leading device axis under pmap)
+    y: Any      # (M, B, T) int32 targets
+    micro: Any  # (M,) int32 global micro-batch index: picks each micro-batch's dropout key
+
+
+def init_train_state(params, optimizer, dtype, seed):
+    return TrainState(params, optimizer.init(params), init_loss_scale(dtype), jax.random.PRNGKey(seed))
+
+
+def make_train_step(config, optimizer, axis_name=AXIS):
+    """train_step(state, batch, lr, iter_num) -> (state, metrics): one whole iteration.
+    metrics: 'loss' (mean over all micro-batches of all devices, unscaled), 'finite' (whether the
+    update was applied: always True except float16 overflow steps, skipped like GradScaler),
+    'loss_scale'. axis_name=None gives the single-device function (no collectives), for jax.jit."""
+    forward = model.gpt_forward(config)
+
+    def loss_fn(params, x_BT, y_BT, key, loss_scale):
+        _, loss = forward.apply(params, key, x_BT, y_BT, is_training=True)
+        return loss_scale.scale(loss), loss
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch, lr, iter_num):
+        M = batch.x.shape[0]
+        scaler = _jmp_loss_scale(state.loss_scale)
+        step_key = jax.random.fold_in(state.rng, iter_num)
+
+        def micro_step(grads_sum, xs):
+            x_BT, y_BT, micro = xs
+            (_, loss), grads = grad_fn(state.params, x_BT, y_BT, jax.random.fold_in(step_key, micro), scaler)
+            return jax.tree.map(jnp.add, grads_sum, grads), loss
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        grads, loss_M = lax.scan(micro_step, zeros, (batch.x, batch.y, batch.micro))
+        grads = jax.tree.map(lambda g: g / M, grads)  # nanoGPT's loss / gradient_accumulation_steps
+        loss = jnp.mean(loss_M)
+        if axis_name is not None:
+            grads, loss = lax.pmean((grads, loss), axis_name)  # DDP's all-reduce
+        grads = scaler.unscale(grads)
+
+        hyperparams = dict(state.opt_state.hyperparams)
+        hyperparams['learning_rate'] = jnp.asarray(lr, hyperparams['learning_rate'].dtype)
+        opt_state = state.opt_state._replace(hyperparams=hyperparams)
+        updates, new_opt_state = optimizer.update(grads, opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        if isinstance(scaler, jmp.DynamicLossScale):
+            # GradScaler: skip the step on inf/nan gradients (the same decision on every device,
+            # since the gradients were averaged first) and adapt the scale
+            finite = jmp.all_finite(grads)
+            new_params, new_opt_state = jmp.select_tree(finite, (new_params, new_opt_state), (state.params, opt_state))
+            scaler = scaler.adjust(finite)
+            loss_scale = LossScale(scaler.loss_scale, scaler.counter)
+        else:
+            finite, loss_scale = jnp.bool_(True), state.loss_scale
+        metrics = {'loss': loss, 'finite': finite, 'loss_scale': jnp.asarray(scaler.loss_scale, jnp.float32)}
+        return TrainState(new_params, new_opt_state, loss_scale, state.rng), metrics
+
+    return train_step
+
+
+def pmap_train_step(train_step, devices=None):
+    """jax.pmap over the devices (all local ones by default); state is donated, so its buffers are
+    reused for the new state. Call with (replicated state, sharded batch, lr, iter_num)."""
+    return jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,), devices=devices)
+
+
+def make_eval_step(config, axis_name=AXIS):
+    """eval_step(params, x_KBT, y_KBT, valid_K) -> sum over valid batches of the mean loss, summed
+    over devices too: estimate_loss divides by the number of batches. No dropout (model.eval())."""
+    forward = model.gpt_forward(config)
+
+    def eval_step(params, x_KBT, y_KBT, valid_K):
+        def one(total, xs):
+            x_BT, y_BT, valid = xs
+            _, loss = forward.apply(params, None, x_BT, y_BT, is_training=False)
+            return total + jnp.where(valid, loss, 0.0), None
+        total, _ = lax.scan(one, jnp.float32(0.0), (x_KBT, y_KBT, valid_K))
+        return total if axis_name is None else lax.psum(total, axis_name)
+
+    return eval_step
+
+
+def pmap_eval_step(eval_step, devices=None):
+    return jax.pmap(eval_step, axis_name=AXIS, devices=devices)
+
+
+# -----------------------------------------------------------------------------
+# devices: one copy of the state per device, one slice of the batch per device
+
+def device_sharding(devices):
+    """The layout pmap uses for its inputs and outputs: leading axis split over the devices."""
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def replicate(tree, devices):
+    """A leading device axis with one copy of every leaf on each device."""
+    sharding = device_sharding(devices)
+    return jax.tree.map(lambda a: jax.device_put(np.broadcast_to(np.asarray(a)[None], (len(devices),) + np.shape(a)),
+                                                 sharding), tree)
+
+
+def unreplicate(tree):
+    """Device 0's copy, as numpy arrays on the host."""
+    return jax.tree.map(lambda a: np.asarray(a[0]) if hasattr(a, 'shape') and np.ndim(a) > 0 else a, tree)
+
+
+def shard(tree, devices):
+    """numpy arrays with a leading axis of len(devices) -> device arrays, slice i on device i."""
+    sharding = device_sharding(devices)
+    return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
+
+
+# -----------------------------------------------------------------------------
+# data: windows of a uint16 token file, drawn as a pure function of (seed, purpose, iteration)
+
+PURPOSE = {'train': 0, 'val': 1, 'eval_train': 2}  # eval's train batches differ from the step's
+
+
+def batch_indices(seed, purpose, it, num_tokens, block_size, shape):
+    """Window starts in [0, num_tokens - block_size) for iteration `it`, shape e.g.
+    (micro-batches, batch_size). The same arguments give the same starts on any machine,
+    process or device layout, so a resumed run reads what the uninterrupted one would."""
+    rng = np.random.default_rng([seed, PURPOSE[purpose], it])
+    return rng.integers(0, num_tokens - block_size, size=shape)
+
+
+def get_batch(data, starts, block_size):
+    """x, y int32 arrays of shape starts.shape + (block_size,): y is x shifted by one token."""
+    window = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
+    return window[..., :-1], window[..., 1:]
+
+
+class Prefetcher:
+    """Makes batches on a background thread and copies them to the devices ahead of use
+    (pin_memory + non_blocking's role). make(i) returns the pytree of numpy arrays for iteration
+    i; get(i) returns it on the devices. Iterations must be asked for in order from `start`."""
+
+    def __init__(self, make, devices, start, depth=2):
+        self._make, self._devices, self._next = make, devices, start
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True)
+        self._thread.start()
+
+    def _run(self, i):
+        while not self._stop.is_set():
+            try:
+                item = (i, shard(self._make(i), self._devices), None)
+            except BaseException as e:  # handed to the consumer, raised there
+                item = (i, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if item[2] is not None:
+                return
+            i += 1
+
+    def get(self, i):
+        if i != self._next:
+            raise ValueError(f"Prefetcher: asked for iteration {i}, expected {self._next}")
+        got, batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        self._next += 1
+        return batch
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# -----------------------------------------------------------------------------
+# compile ahead of time, and ask XLA how much memory the step needs
+
+def abstract(tree):
+    """ShapeDtypeStructs of a pytree of arrays (or of ShapeDtypeStructs)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+
+
+def with_device_axis(tree, n):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + tuple(a.shape), a.dtype), tree)
+
+
+def compile_ahead(fn, *args):
+    """fn.lower(*args).compile(), args may be ShapeDtypeStructs. Returns (compiled, seconds)."""
+    t0 = time.time()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.time() - t0
+
+
+def compiled_bytes(compiled):
+    """XLA's estimate of the peak memory one device needs to run the compiled function:
+    arguments + outputs not aliased to donated arguments + temporaries + code. None if unknown."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return None
+    if m is None:
+        return None
+    if isinstance(m, (list, tuple)):
+        m = m[0]
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+
+def device_memory_bytes(device):
+    """Memory available to one device: its allocator limit on GPU/TPU; on CPU the machine's RAM
+    (shared by all host devices). None if unknown."""
+    try:
+        stats = device.memory_stats()
+    except Exception:
+        stats = None
+    if stats and stats.get('bytes_limit'):
+        return int(stats['bytes_limit'])
+    if device.platform == 'cpu':
+        try:
+            import os
+            return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
