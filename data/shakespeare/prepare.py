@@ -1,0 +1,40 @@
+"""
+Prepare the tiny Shakespeare dataset with GPT-2's BPE (tiktoken): train.bin and val.bin hold
+uint16 token ids, byte-compatible with nanoGPT's. No meta file: GPT-2 BPE is the default
+encoding wherever a dataset has none.
+"""
+import os
+import requests
+import tiktoken
+import numpy as np
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+# download the tiny shakespeare dataset (skipped when input.txt is already here)
+input_file_path = os.path.join(here, 'input.txt')
+if not os.path.exists(input_file_path):
+    data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+    response = requests.get(data_url, timeout=60)
+    response.raise_for_status()
+    with open(input_file_path, 'w', encoding='utf-8') as f:
+        f.write(response.text)
+
+with open(input_file_path, 'r', encoding='utf-8') as f:
+    data = f.read()
+n = len(data)
+train_data = data[:int(n * 0.9)]
+val_data = data[int(n * 0.9):]
+
+# GPT-2 BPE; encode_ordinary because the corpus has no special tokens to honour
+enc = tiktoken.get_encoding("gpt2")
+train_ids = np.array(enc.encode_ordinary(train_data), dtype=np.uint16)  # max id 50256 fits in 16 bits
+val_ids = np.array(enc.encode_ordinary(val_data), dtype=np.uint16)
+print(f"train has {len(train_ids):,} tokens")
+print(f"val has {len(val_ids):,} tokens")
+
+train_ids.tofile(os.path.join(here, 'train.bin'))
+val_ids.tofile(os.path.join(here, 'val.bin'))
+print(f"wrote train.bin and val.bin to {here}")
+
+# train.bin has 301,966 tokens
+# val.bin has 36,059 tokens

@@ -1,0 +1,237 @@
+"""
+Sample from a trained model (or a GPT-2 checkpoint).
+
+Decoding uses a KV cache: the prompt goes through the model once (prefill), then each new token
+is one single-position step, all of it inside one compiled lax.fori_loop. Tokens are the ones
+nanoGPT's generate would pick, including past block_size (see make_generate).
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from model import GPTConfig, gpt_forward, gpt_decode, init_cache, from_pretrained
+import checkpoint
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant (e.g. 'gpt2-xl'), or a local Hugging Face GPT-2 dir
+out_dir = 'out'  # ignored unless init_from is 'resume'
+start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
+num_samples = 10  # number of samples to draw
+max_new_tokens = 500  # number of tokens generated in each sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random; 0.0 = greedy (always the most likely token)
+top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
+seed = 1337
+device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1'
+dtype = 'bfloat16' if jax.default_backend() != 'cpu' else 'float32'  # 'float32' or 'bfloat16' or 'float16'
+compile = False  # kept for nanoGPT's flags; ignored: the decoding loop is always compiled (jax.jit)
+# -----------------------------------------------------------------------------
+
+
+def sample_next(logits_BV, key, temperature, top_k):
+    """One step of nanoGPT's sampling rule: scale by 1/temperature, keep the logits >= the k-th
+    largest (ties at the k-th value all stay, as in nanoGPT), softmax, draw one token per row.
+    temperature 0.0 means greedy: the argmax, whatever top_k is."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if top_k is not None:
+        v_BK, _ = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))
+        logits_BV = jnp.where(logits_BV < v_BK[:, -1:], -jnp.inf, logits_BV)
+    # categorical samples from softmax(logits) itself; -inf entries have probability 0
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
+    """nanoGPT's GPT.generate as one compiled function (params, idx_BT, key) -> idx_BN, where
+    N = T + max_new_tokens and idx_BN starts with the prompt idx_BT. New token i is drawn with
+    jax.random.fold_in(key, i).
+
+    While the sequence fits in block_size, the prompt is prefilled into the KV cache once and
+    every further step feeds only the newest token. Past block_size nanoGPT crops the context to
+    the last block_size tokens, which then sit at positions 0..block_size-1: every position
+    shifts by one each step, so cached keys and values are stale. From there on each step
+    recomputes the cropped window, still inside the same compiled loop, which gives the same
+    tokens as nanoGPT's full recompute."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0.0:
+        raise ValueError(f"temperature must be >= 0.0 (0.0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or None for no cut), got {top_k}")
+    decode = gpt_decode(config).apply  # (params, idx_BT, cache, pos) -> (logits_BV, cache)
+    forward = gpt_forward(config).apply  # (params, rng, idx_BT) -> (logits_B1V, None)
+    block_size = config.block_size
+
+    @jax.jit
+    def generate(params, idx_BT, key):
+        B, T = idx_BT.shape
+        N = T + max_new_tokens
+        idx_BN = jnp.zeros((B, N), jnp.int32).at[:, :T].set(idx_BT.astype(jnp.int32))
+        cache = init_cache(config, B, params['transformer/wte']['weight'].dtype)
+
+        def from_cache(L, idx_BN, cache):
+            # tokens 0..L-2 are cached; the newest one (index L-1) joins at position L-1
+            tok_B1 = jax.lax.dynamic_slice_in_dim(idx_BN, L - 1, 1, axis=1)
+            return decode(params, tok_B1, cache, L - 1)
+
+        def from_window(L, idx_BN, cache):
+            win_BS = jax.lax.dynamic_slice_in_dim(idx_BN, L - block_size, block_size, axis=1)
+            logits_B1V, _ = forward(params, None, win_BS)
+            return logits_B1V[:, -1, :], cache
+
+        def step(i, carry):
+            # L = T + i tokens are known; draw token number L
+            idx_BN, cache = carry
+            L = T + i
+            if N - 1 <= block_size:  # the whole run fits in the cache
+                logits_BV, cache = from_cache(L, idx_BN, cache)
+            elif T > block_size:  # cropped from the start
+                logits_BV, cache = from_window(L, idx_BN, cache)
+            else:
+                logits_BV, cache = jax.lax.cond(L <= block_size, from_cache, from_window, L, idx_BN, cache)
+            next_B = sample_next(logits_BV, jax.random.fold_in(key, i), temperature, top_k)
+            idx_BN = jax.lax.dynamic_update_slice_in_dim(idx_BN, next_B[:, None], L, axis=1)
+            return idx_BN, cache
+
+        # token 0: prefill the whole prompt at positions 0..T-1 in one pass
+        if T <= block_size:
+            logits_BV, cache = decode(params, idx_BT, cache, 0)
+        else:
+            logits_BV = forward(params, None, idx_BT[:, -block_size:])[0][:, -1, :]
+        idx_BN = idx_BN.at[:, T].set(sample_next(logits_BV, jax.random.fold_in(key, 0), temperature, top_k))
+        idx_BN, _ = jax.lax.fori_loop(1, max_new_tokens, step, (idx_BN, cache))
+        return idx_BN
+
+    return generate
+
+
+def generate(params, config, idx_BT, max_new_tokens, temperature=1.0, top_k=None, key=None):
+    """Like nanoGPT's model.generate(idx, max_new_tokens, temperature, top_k), with an explicit
+    PRNG key (unused when temperature is 0). Compiles on every call: reuse make_generate's
+    function to sample repeatedly."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    return make_generate(config, max_new_tokens, temperature, top_k)(params, jnp.asarray(idx_BT), key)
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit status 1, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+    exec(open('configurator.py').read())  # overrides from command line or config file
+
+    if max_new_tokens < 1:
+        fail(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if num_samples < 1:
+        fail(f"num_samples must be at least 1, got {num_samples}")
+    if temperature < 0.0:
+        fail(f"temperature must be >= 0.0 (0.0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        fail(f"top_k must be at least 1 (top_k >= the vocabulary size keeps every token), got {top_k}")
+
+    # device and dtype
+    platform, _, index = device.partition(':')
+    platform = {'cuda': 'gpu'}.get(platform, platform)
+    try:
+        dev = jax.devices(platform)[int(index or 0)]
+    except (RuntimeError, IndexError, ValueError):
+        fail(f"device {device!r} is not available; JAX sees {[str(d) for d in jax.devices()]} (try --device=cpu)")
+    ptdtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}.get(dtype)
+    if ptdtype is None:
+        fail(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+
+    # model
+    ckpt_meta = None
+    if init_from == 'resume':
+        ckpt_path = os.path.join(out_dir, checkpoint.CKPT_NAME)
+        try:
+            arrays, ckpt_meta = checkpoint.load_checkpoint(ckpt_path)
+            if 'model_args' not in ckpt_meta:
+                raise checkpoint.CheckpointError(f"{ckpt_path} has no model_args: not written by train.py")
+            gptconf = GPTConfig(**ckpt_meta['model_args'])
+            params = checkpoint.params_from_arrays(arrays)
+        except checkpoint.CheckpointError as e:
+            fail(e)
+        except (TypeError, ValueError) as e:
+            fail(f"{ckpt_path}: bad model_args ({e})")
+    else:
+        try:
+            gptconf, params = from_pretrained(init_from, dict(dropout=0.0))
+        except (ValueError, FileNotFoundError) as e:
+            fail(e)
+        except Exception as e:  # e.g. no network for the Hugging Face hub
+            fail(f"could not load {init_from!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    # mixed precision the simple way: decode in dtype (LayerNorm statistics stay fp32 in model.py)
+    params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, ptdtype), params), dev)
+
+    # the dataset's vocabulary if it has one (character-level), else GPT-2 BPE
+    meta = None
+    if ckpt_meta is not None and 'dataset' in ckpt_meta.get('config', {}):
+        meta_dir = os.path.join('data', ckpt_meta['config']['dataset'])
+        try:
+            meta = checkpoint.load_meta(meta_dir)
+        except checkpoint.CheckpointError as e:
+            fail(e)
+    if meta is not None:
+        print(f"Loading meta from {meta_dir}...")
+        if 'stoi' not in meta or 'itos' not in meta:
+            fail(f"the vocabulary in {meta_dir} has no stoi/itos; run its prepare.py again")
+        if meta['vocab_size'] != gptconf.vocab_size:
+            fail(f"the vocabulary in {meta_dir} has {meta['vocab_size']} tokens but the checkpoint's model has "
+                 f"{gptconf.vocab_size}: the dataset was prepared again differently, or this is another model")
+        stoi, itos = meta['stoi'], meta['itos']
+
+        def encode(s):
+            unknown = sorted(set(c for c in s if c not in stoi))
+            if unknown:
+                fail(f"the prompt has characters outside the {ckpt_meta['config']['dataset']} vocabulary: "
+                     f"{', '.join(repr(c) for c in unknown)}")
+            return [stoi[c] for c in s]
+
+        def decode(ids):
+            return ''.join(itos[i] for i in ids)
+    else:
+        print("No meta found, assuming GPT-2 encodings...")
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+
+        def encode(s):
+            return enc.encode(s, allowed_special={"<|endoftext|>"})
+
+        def decode(ids):
+            # ids past GPT-2's 50257 (padding rows of a 50304 vocab, never in the data) print as U+FFFD
+            return b''.join(enc.decode_single_token_bytes(i) if i < enc.n_vocab else '\ufffd'.encode()
+                            for i in ids).decode('utf-8', errors='replace')
+
+    # encode the beginning of the prompt
+    if start.startswith('FILE:'):
+        try:
+            with open(start[5:], 'r', encoding='utf-8') as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the prompt file {start[5:]!r}: {getattr(e, 'strerror', None) or e}")
+    start_ids = encode(start)
+    if not start_ids:
+        fail("the prompt is empty: give at least one token with --start=... or FILE:path")
+    x = jax.device_put(jnp.asarray(start_ids, dtype=jnp.int32)[None, ...], dev)
+    key = jax.device_put(jax.random.PRNGKey(seed), dev)
+
+    # compile once (timed apart), then draw the samples
+    t0 = time.time()
+    run = make_generate(gptconf, max_new_tokens, temperature, top_k).lower(params, x, key).compile()
+    compile_time = time.time() - t0
+    decode_time = 0.0
+    for k in range(num_samples):
+        t0 = time.time()
+        y = jax.block_until_ready(run(params, x, jax.random.fold_in(key, k)))
+        decode_time += time.time() - t0
+        print(decode(np.asarray(y[0]).tolist()))
+        print('---------------')
+    print(f"{num_samples * max_new_tokens:,} tokens in {decode_time:.2f}s: "
+          f"{num_samples * max_new_tokens / decode_time:,.1f} tokens/s (compile {compile_time:.1f}s, not counted)")
