@@ -46,6 +46,17 @@ def write_split(batches, arr_len, filename, total=None, desc=None):
     return idx
 
 
+def write_documents(documents, filename, docs_per_batch=1024):
+    """Tokenize documents (an iterable of {'text': str}, e.g. a list held in memory) with
+    process() and write them in order, as main() does for a Hugging Face split. Returns the
+    number of tokens written. Handy for a small custom corpus, and what the tests run."""
+    processed = [process(doc) for doc in documents]
+    arr_len = sum(p['len'] for p in processed)
+    batches = (np.concatenate([p['ids'] for p in processed[i: i + docs_per_batch]]).astype(np.uint16)
+               for i in range(0, len(processed), docs_per_batch))
+    return write_split(batches, arr_len, filename, total=-(-len(processed) // docs_per_batch))
+
+
 def main():
     from datasets import load_dataset  # Hugging Face datasets: only this script needs it
 
