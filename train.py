@@ -279,6 +279,26 @@ shapes = param_shapes(gptconf)
 optimizer = configure_optimizers(shapes, weight_decay, learning_rate, (beta1, beta2), platform, grad_clip)
 
 # compile the step ahead of time, on shapes only: nothing is allocated until we know it fits
+def compile_ahead(step, in_axes, *args):
+    """training.compile_ahead on this process's shapes (args), also across processes. There pmap lowers on
+    global shapes (every process's rows) and the compiled step takes and returns global arrays, so the
+    returned step converts this process's rows to and from them, as a plain pmap call does."""
+    if jax.process_count() == 1:
+        return training.compile_ahead(step, *args)
+    from jax.experimental import multihost_utils
+    mesh = jax.sharding.Mesh(np.array(all_devices), (training.AXIS,))
+    mapped, replicated = jax.sharding.PartitionSpec(training.AXIS), jax.sharding.PartitionSpec()
+    # ShapedArray, not ShapeDtypeStruct: pmap reads abstract values as global shapes
+    global_args = [jax.tree.map(lambda a: jax.core.ShapedArray((world,) + a.shape[1:] if ax == 0 else a.shape, a.dtype), arg)
+                   for arg, ax in zip(args, in_axes)]
+    compiled, seconds = training.compile_ahead(step, *global_args)
+    specs = tuple(mapped if ax == 0 else replicated for ax in in_axes)
+    def run(*local_args):
+        out = compiled(*multihost_utils.host_local_array_to_global_array(local_args, mesh, specs))
+        return multihost_utils.global_array_to_host_local_array(out, mesh, mapped)
+    run.memory_analysis = compiled.memory_analysis
+    return run, seconds
+
 print("compiling the training step...")
 train_step = training.pmap_train_step(training.make_train_step(gptconf, optimizer), all_devices)
 eval_step = training.pmap_eval_step(training.make_eval_step(gptconf), all_devices)
@@ -288,10 +308,10 @@ abstract_state = training.with_device_axis(jax.eval_shape(
 tokens_shape = jax.ShapeDtypeStruct((n_local, micro_steps, batch_size, block_size), np.int32)
 abstract_batch = training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((n_local, micro_steps), np.int32))
 scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-train_step, train_compile_s = training.compile_ahead(train_step, abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
+train_step, train_compile_s = compile_ahead(train_step, (0, 0, None, None), abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
 eval_batch_shape = jax.ShapeDtypeStruct((n_local, eval_per_device, batch_size, block_size), np.int32)
-eval_step, eval_compile_s = training.compile_ahead(eval_step, abstract_state.params, eval_batch_shape, eval_batch_shape,
-                                                   jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
+eval_step, eval_compile_s = compile_ahead(eval_step, (0, 0, 0, 0), abstract_state.params, eval_batch_shape, eval_batch_shape,
+                                          jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
 print(f"compile time: {train_compile_s:.1f}s (train step), {eval_compile_s:.1f}s (eval step)")
 
 # will it fit? XLA's own estimate of the step's peak memory against the device's memory
