@@ -4,8 +4,9 @@ Checkpoints that load without executing code (nanoGPT's torch.save / torch.load 
 One file, out_dir/ckpt.safetensors: every array in safetensors (a flat name -> tensor table, no
 pickle) and everything else as JSON in the safetensors metadata. Written atomically: a temp file
 in the same directory, fsync, rename, fsync of the directory — so a crash at any moment leaves
-either the old checkpoint or the new one, never a torn file. A sha256 over the array bytes
-catches corruption that the safetensors header alone would not.
+either the old checkpoint or the new one, never a torn file. A sha256 over the array bytes and
+the JSON metadata catches corruption that the safetensors header alone would not. The temp file
+of a writer that was killed is deleted by the next save (a lock tells live writers from dead).
 
 Array names:
   model.<nanoGPT state_dict name>   parameters in torch layout (model.to_state_dict), so the weights
@@ -17,6 +18,10 @@ import hashlib
 import json
 import os
 import tempfile
+try:
+    import fcntl
+except ImportError:  # not on Windows: stale temp files are then left for the user to delete
+    fcntl = None
 
 import numpy as np
 import jax
@@ -28,27 +33,55 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, truncated, corrupted or not ours. The message names the file."""
 
 
-def _digest(arrays):
+def _digest(arrays, meta_json):
+    # the metadata is covered too: a flipped digit in model_args or iter_num can still be valid JSON
     h = hashlib.sha256()
     for name in sorted(arrays):
         h.update(name.encode())
         h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    h.update(b'\0meta\0' + meta_json.encode())
     return h.hexdigest()
+
+
+def _remove_stale_temps(folder):
+    """Delete temp files left by writers that died mid-save (each can be as large as a checkpoint).
+    A live writer holds an exclusive flock on its temp file; a dead one's lock is gone."""
+    if fcntl is None:
+        return
+    for name in os.listdir(folder):
+        if not (name.startswith('.tmp-') and name.endswith('.safetensors')):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:
+            pass  # still being written, or already gone
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(path, arrays, meta):
     """Atomically write arrays (name -> numpy-convertible) and meta (JSON-serialisable) to path."""
     from safetensors.numpy import save
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
-    blob = save(arrays, metadata={'meta': json.dumps(meta), 'sha256': _digest(arrays)})
+    meta_json = json.dumps(meta)
+    blob = save(arrays, metadata={'meta': meta_json, 'sha256': _digest(arrays, meta_json)})
     folder = os.path.dirname(os.path.abspath(path))
+    _remove_stale_temps(folder)  # before writing: their space may be what the new file needs
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.safetensors', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # held until the rename, or until this process dies
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -64,6 +97,10 @@ def load_checkpoint(path):
     """Returns (arrays, meta). Raises CheckpointError with one clear line for any bad file."""
     from safetensors import safe_open
     if not os.path.exists(path):
+        pt = os.path.join(os.path.dirname(path), 'ckpt.pt')
+        if os.path.exists(pt):
+            raise CheckpointError(f"no checkpoint at {path}; {pt} is a PyTorch (nanoGPT) checkpoint, which this port "
+                                  f"never loads because unpickling it can run arbitrary code: train again here")
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py ...) or check --out_dir")
     try:
         with safe_open(path, framework='numpy') as f:
@@ -74,7 +111,7 @@ def load_checkpoint(path):
                               f"restore it or train again") from None
     if 'meta' not in header or 'sha256' not in header:
         raise CheckpointError(f"{path} is not a checkpoint written by this project (no metadata)")
-    if _digest(arrays) != header['sha256']:
+    if _digest(arrays, header['meta']) != header['sha256']:
         raise CheckpointError(f"{path} is corrupted (checksum mismatch); restore it or train again")
     try:
         meta = json.loads(header['meta'])

@@ -1,0 +1,299 @@
+"""Faults and bad input (issue 6): a killed run resumes to exactly the uninterrupted result, a
+checkpoint is never left torn, bad files and bad flags get one clear line and a non-zero exit,
+nothing is unpickled, and a failing save never damages the checkpoint already on disk.
+
+Every script runs as a real subprocess. They share one tiny model configuration and one JAX
+persistent compilation cache, so only the first run pays for compiling the training step."""
+import json
+import os
+import pickle
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import checkpoint  # noqa: E402
+from checkpoint import CKPT_NAME, CheckpointError, load_checkpoint  # noqa: E402
+
+SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+MAX_ITERS, EVAL_INTERVAL = 24, 4  # a checkpoint every 4 iterations
+TINY = ['--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
+        '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2', '--log_interval=1',
+        '--dropout=0.0', '--learning_rate=1e-3', '--warmup_iters=2', f'--lr_decay_iters={MAX_ITERS}',
+        f'--eval_interval={EVAL_INTERVAL}', '--always_save_checkpoint=True']
+
+# Runs a script with one fault injected at the N-th checkpoint write of the process, chosen by
+# FAULT=<kind>:<N>. Kinds: 'write' (half the bytes reach the temp file, then SIGKILL), 'rename'
+# (temp file complete, SIGKILL before the rename), 'readonly' (out_dir made read-only just before
+# the write; as root, where modes do not bind, the EACCES such a directory gives is raised).
+FAULTY = r'''
+import errno, os, runpy, signal, sys, tempfile
+kind, n = os.environ['FAULT'].split(':')
+n, count = int(n), 0
+real_mkstemp, real_fdopen, real_replace = tempfile.mkstemp, os.fdopen, os.replace
+
+def mkstemp(*args, **kwargs):
+    global count
+    if kwargs.get('prefix') == '.tmp-':
+        count += 1
+        if count == n and kind == 'readonly':
+            folder = kwargs['dir']
+            os.chmod(folder, 0o555)
+            if os.geteuid() == 0:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
+    return real_mkstemp(*args, **kwargs)
+
+class HalfThenDie:
+    def __init__(self, f): self.f = f
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.f.close()
+    def fileno(self): return self.f.fileno()
+    def write(self, blob):
+        self.f.write(blob[:len(blob) // 2]); self.f.flush(); os.fsync(self.f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def fdopen(fd, *args, **kwargs):
+    f = real_fdopen(fd, *args, **kwargs)
+    if kind == 'write' and count == n and '.tmp-' in os.readlink(f'/proc/self/fd/{fd}'):
+        return HalfThenDie(f)
+    return f
+
+def replace(src, dst):
+    if kind == 'rename' and count == n and os.path.basename(src).startswith('.tmp-'):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+tempfile.mkstemp, os.fdopen, os.replace = mkstemp, fdopen, replace
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+# -----------------------------------------------------------------------------
+# fixtures and helpers
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    e.pop('XLA_FLAGS', None)
+    return e
+
+
+def write_dataset(folder, text):
+    """A character-level dataset as data/shakespeare_char/prepare.py writes one."""
+    os.makedirs(folder, exist_ok=True)
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n = int(len(ids) * 0.9)
+    ids[:n].tofile(os.path.join(folder, 'train.bin'))
+    ids[n:].tofile(os.path.join(folder, 'val.bin'))
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': {i: c for c, i in stoi.items()}}, f)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    if os.path.exists(SHAKESPEARE):
+        with open(SHAKESPEARE, encoding='utf-8') as f:
+            text = f.read()[:20000]
+    else:
+        rng = np.random.default_rng(0)
+        text = ''.join(rng.choice(list('abcdefghij klmnop\n'), 20000))
+    return write_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'), text)
+
+
+def train_cmd(dataset, out_dir, *extra, wrapper=None):
+    cmd = [sys.executable, os.path.join(REPO, 'train.py'), f'--dataset={dataset}', f'--out_dir={out_dir}', *TINY,
+           *extra]
+    return cmd if wrapper is None else [sys.executable, wrapper] + cmd[1:]
+
+
+def run(cmd, env, cwd, timeout=180, **kwargs):
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def sample_cmd(*extra):
+    return [sys.executable, os.path.join(REPO, 'sample.py'), '--device=cpu', '--num_samples=1',
+            '--max_new_tokens=4', *extra]
+
+
+def assert_clear_error(proc, *needles, prefix='error:'):
+    """One clear line: exit status 1 (not a crash or a signal), no traceback, and the last line of
+    stderr starts with prefix and names what is wrong."""
+    out = proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    last = lines[-1] if lines else ''
+    assert proc.returncode == 1, f"exit status {proc.returncode}\n{out[-3000:]}"
+    assert 'Traceback' not in out, out[-3000:]
+    assert last.startswith(prefix), f"last stderr line {last!r}\n{out[-3000:]}"
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in {last!r}"
+    return last
+
+
+def losses_logged(text):
+    """{iteration: the 'iter N: loss X' line's loss text} and {step: 'val loss' text}."""
+    it = {int(m[1]): m[2] for m in re.finditer(r'^iter (\d+): loss (\S+),', text, re.M)}
+    val = {int(m[1]): m[2] for m in re.finditer(r'^step (\d+): train loss \S+, val loss (\S+)', text, re.M)}
+    return it, val
+
+
+def ckpt_of(out_dir):
+    return os.path.join(out_dir, CKPT_NAME)
+
+
+def temps_in(out_dir):
+    return [n for n in os.listdir(out_dir) if n.startswith('.tmp-')]
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, dataset, env):
+    """An uninterrupted run: its out_dir and its log."""
+    out = str(tmp_path_factory.mktemp('reference') / 'out')
+    proc = run(train_cmd(dataset, out, f'--max_iters={MAX_ITERS}'), env, cwd=os.path.dirname(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.fixture
+def resumable(tmp_path, reference):
+    """A copy of the reference checkpoint in a fresh out_dir (iter_num == MAX_ITERS)."""
+    out = str(tmp_path / 'out')
+    os.makedirs(out)
+    shutil.copy(ckpt_of(reference[0]), out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# kill -9 at seeded random points, including mid-write, then resume: the same run exactly
+
+class Run:
+    """train.py as a child whose output is read line by line, so that it can be killed at a
+    chosen log line; a watchdog kills it if it hangs."""
+
+    def __init__(self, cmd, env, cwd, timeout=240):
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.watchdog = threading.Timer(timeout, self.proc.kill)
+        self.watchdog.start()
+        self.lines = []
+
+    def kill_at(self, pattern):
+        """SIGKILL as soon as a line matches pattern; returns the matching line (None if it never came)."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if re.match(pattern, line):
+                self.proc.send_signal(signal.SIGKILL)
+                self.finish()
+                return line
+        self.finish()
+        return None
+
+    def finish(self):
+        self.lines += self.proc.stdout.readlines()
+        self.proc.wait()
+        self.watchdog.cancel()
+        return ''.join(self.lines)
+
+
+def test_kill9_anywhere_then_resume_equals_uninterrupted_run(tmp_path, dataset, env, reference):
+    ref_out, ref_log = reference
+    ref_iters, ref_vals = losses_logged(ref_log)
+    assert sorted(ref_iters) == list(range(MAX_ITERS + 1))
+    ref_arrays, ref_meta = load_checkpoint(ckpt_of(ref_out))
+    assert ref_meta['iter_num'] == MAX_ITERS
+
+    rng = random.Random(6)
+    out = str(tmp_path / 'out')
+    wrapper = str(tmp_path / 'faulty.py')
+    with open(wrapper, 'w') as f:
+        f.write(FAULTY)
+    logs = []
+
+    def on_disk():
+        """The checkpoint must load (never torn) after every kill; returns its iter_num."""
+        arrays, meta = load_checkpoint(ckpt_of(out))
+        return meta['iter_num']
+
+    def resume(fault=None):
+        e = dict(env, FAULT=fault) if fault else env
+        return Run(train_cmd(dataset, out, f'--max_iters={MAX_ITERS}', '--init_from=resume',
+                             wrapper=wrapper if fault else None), e, str(tmp_path))
+
+    # 1. from scratch, SIGKILL from outside right after a random iteration's log line
+    k = rng.randrange(EVAL_INTERVAL + 1, 3 * EVAL_INTERVAL)
+    r = Run(train_cmd(dataset, out, f'--max_iters={MAX_ITERS}'), env, str(tmp_path))
+    assert r.kill_at(rf'iter {k}:'), r.finish()[-3000:]
+    assert r.proc.returncode == -signal.SIGKILL
+    logs.append(''.join(r.lines))
+    saved = on_disk()
+    assert saved % EVAL_INTERVAL == 0 and EVAL_INTERVAL <= saved <= k + 1 + EVAL_INTERVAL
+
+    # 2. resume; SIGKILL with half of the next checkpoint written to its temp file
+    r = resume('write:2')
+    log = r.finish()
+    logs.append(log)
+    assert r.proc.returncode == -signal.SIGKILL, log[-3000:]
+    assert on_disk() == saved, "a half-written checkpoint replaced the good one"
+    torn = temps_in(out)
+    assert len(torn) == 1 and 0 < os.path.getsize(os.path.join(out, torn[0])) < os.path.getsize(ckpt_of(out))
+
+    # 3. resume; SIGKILL with the next checkpoint complete in its temp file but not yet renamed
+    r = resume('rename:2')
+    log = r.finish()
+    logs.append(log)
+    assert r.proc.returncode == -signal.SIGKILL, log[-3000:]
+    assert on_disk() == saved
+    assert len(temps_in(out)) == 1 and temps_in(out) != torn, "the next save should delete a dead writer's temp file"
+
+    # 4. resume; SIGKILL from outside the moment a random later save begins (racing the write)
+    n_save = rng.randrange(2, 4)  # the first save of a resumed run rewrites its starting point
+    r = resume()
+    for line in r.proc.stdout:
+        r.lines.append(line)
+        n_save -= line.startswith('saving checkpoint')
+        if n_save == 0:
+            r.proc.send_signal(signal.SIGKILL)
+            break
+    log = r.finish()
+    logs.append(log)
+    assert r.proc.returncode == -signal.SIGKILL, log[-3000:]
+    saves = log.count('saving checkpoint')
+    assert on_disk() in (saved + (saves - 2) * EVAL_INTERVAL, saved + (saves - 1) * EVAL_INTERVAL)
+
+    # 5. resume to the end
+    r = resume()
+    log = r.finish()
+    logs.append(log)
+    assert r.proc.returncode == 0, log[-3000:]
+    assert temps_in(out) == []
+
+    # every loss any of the runs logged is the uninterrupted run's, to the printed digit
+    for log in logs:
+        iters, vals = losses_logged(log)
+        assert iters and all(ref_iters[i] == loss for i, loss in iters.items()), (iters, ref_iters)
+        assert all(ref_vals[i] == loss for i, loss in vals.items()), (vals, ref_vals)
+    assert losses_logged(logs[-1])[0][MAX_ITERS] == ref_iters[MAX_ITERS]
+
+    # and the final parameters, optimizer state and val loss are bit for bit the same
+    arrays, meta = load_checkpoint(ckpt_of(out))
+    assert meta['iter_num'] == MAX_ITERS
+    assert meta['best_val_loss'] == ref_meta['best_val_loss']
+    assert sorted(arrays) == sorted(ref_arrays)
+    for name in ref_arrays:
+        np.testing.assert_array_equal(arrays[name], ref_arrays[name], err_msg=name)
