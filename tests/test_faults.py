@@ -297,3 +297,111 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted_run(tmp_path, dataset, 
     assert sorted(arrays) == sorted(ref_arrays)
     for name in ref_arrays:
         np.testing.assert_array_equal(arrays[name], ref_arrays[name], err_msg=name)
+
+
+# -----------------------------------------------------------------------------
+# damaged, foreign and malicious files: refused with one line, nothing executed
+
+def test_every_sampled_bit_flip_is_refused(tmp_path, reference):
+    """Seeded single-bit flips over the whole file (length prefix, JSON header with model_args and
+    checksum, array bytes): load_checkpoint refuses every one, naming the file, and never returns
+    altered data."""
+    blob = open(ckpt_of(reference[0]), 'rb').read()
+    header_end = 8 + int.from_bytes(blob[:8], 'little')
+    rng = random.Random(66)
+    positions = ([rng.randrange(8) for _ in range(8)] + [rng.randrange(8, header_end) for _ in range(150)] +
+                 [rng.randrange(header_end, len(blob)) for _ in range(60)])
+    path = str(tmp_path / CKPT_NAME)
+    for pos in positions:
+        bad = bytearray(blob)
+        bad[pos] ^= 1 << rng.randrange(8)
+        with open(path, 'wb') as f:
+            f.write(bad)
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+        assert path in str(e.value) and '\n' not in str(e.value), (pos, str(e.value))
+    with open(path, 'wb') as f:
+        f.write(blob)
+    load_checkpoint(path)  # the same file undamaged loads: the refusals were for the flips
+
+
+class Evil:
+    """Unpickling this creates the sentinel file: the proof that a loader executed code."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (self.sentinel, 'w'))
+
+
+def damaged_checkpoints(good, tmp_path):
+    """name -> (bytes of a bad ckpt.safetensors, words its error line must contain)."""
+    blob = open(good, 'rb').read()
+    flipped = bytearray(blob)
+    flipped[-5] ^= 0x10  # inside the last array
+    import torch  # a real nanoGPT-style torch.save file, renamed
+    pt = tmp_path / 'torch.pt'
+    torch.save({'model': {'w': torch.zeros(2)}, 'iter_num': 3}, pt)
+    from safetensors.numpy import save
+    return {
+        'truncated': (blob[:len(blob) // 2], 'truncated'),
+        'bit_flipped': (bytes(flipped), 'corrupted'),
+        'empty': (b'', 'not a checkpoint'),
+        'torch_save': (pt.read_bytes(), 'not a checkpoint'),
+        'foreign_safetensors': (save({'w': np.zeros(3, np.float32)}), 'not a checkpoint written by this project'),
+        'malicious_pickle': (pickle.dumps(Evil(str(tmp_path / 'PWNED'))), 'not a checkpoint'),
+    }
+
+
+def test_damaged_checkpoint_is_one_clear_line_for_train_and_sample(tmp_path, dataset, env, reference):
+    cases = damaged_checkpoints(ckpt_of(reference[0]), tmp_path)
+    procs = {}
+    for name, (data, _) in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        (out / CKPT_NAME).write_bytes(data)
+        # train.py and sample.py fail before compiling anything: run them side by side
+        for script, cmd in (('train', train_cmd(dataset, str(out), '--init_from=resume')),
+                            ('sample', sample_cmd(f'--out_dir={out}'))):
+            procs[name, script] = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                                                   stderr=subprocess.PIPE, text=True)
+    for (name, script), p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        proc = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+        path = str(tmp_path / name / CKPT_NAME)
+        assert_clear_error(proc, path, cases[name][1])
+        assert open(path, 'rb').read() == cases[name][0]  # refused, not "repaired" or overwritten
+    assert not (tmp_path / 'PWNED').exists()
+
+
+def test_nanogpt_ckpt_pt_is_never_unpickled(tmp_path, dataset, env):
+    """A user drops a nanoGPT ckpt.pt (here a malicious pickle) into out_dir: both scripts say why
+    it is not loaded; the pickle runs nothing."""
+    sentinel = tmp_path / 'PWNED'
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(pickle.dumps(Evil(str(sentinel))))
+    for cmd in (train_cmd(dataset, str(out), '--init_from=resume'), sample_cmd(f'--out_dir={out}')):
+        assert_clear_error(run(cmd, env, cwd=str(tmp_path)), str(out / 'ckpt.pt'), 'never loads')
+    assert not sentinel.exists()
+
+
+def test_malicious_meta_pkl_executes_nothing(tmp_path, dataset, env, reference):
+    """nanoGPT's meta.pkl is read, but a pickle that would call anything is refused by train.py
+    (dataset vocabulary) and by sample.py (vocabulary of the checkpoint's dataset)."""
+    sentinel = tmp_path / 'PWNED'
+    evil_data = tmp_path / 'evil_data'
+    shutil.copytree(dataset, evil_data)
+    os.remove(evil_data / 'meta.json')
+    (evil_data / 'meta.pkl').write_bytes(pickle.dumps({'vocab_size': Evil(str(sentinel))}))
+    # a checkpoint that names the evil dataset, as one trained on it would
+    arrays, meta = load_checkpoint(ckpt_of(reference[0]))
+    meta['config']['dataset'] = str(evil_data)
+    out = tmp_path / 'out'
+    out.mkdir()
+    checkpoint.save_checkpoint(str(out / CKPT_NAME), arrays, meta)
+    for cmd in (train_cmd(str(evil_data), str(tmp_path / 'fresh')), sample_cmd(f'--out_dir={out}')):
+        assert_clear_error(run(cmd, env, cwd=str(tmp_path)), str(evil_data / 'meta.pkl'), 'refusing')
+    assert not sentinel.exists()
+    assert not os.path.exists(tmp_path / 'fresh' / CKPT_NAME)
