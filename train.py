@@ -172,7 +172,9 @@ for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
         die(f"{path} not found: run python data/{dataset}/prepare.py first")
-    num_tokens[split] = os.path.getsize(path) // 2
+    num_tokens[split], odd = divmod(os.path.getsize(path), 2)
+    if odd: # a torn copy or an interrupted prepare.py; np.memmap would refuse it with a traceback
+        die(f"{path} has an odd number of bytes, so it is not whole uint16 tokens: run python data/{dataset}/prepare.py again")
     if num_tokens[split] <= block_size:
         die(f"{path} holds {num_tokens[split]} tokens, too few for block_size={block_size} "
             f"(needs at least {block_size + 1}): lower --block_size or prepare more data")

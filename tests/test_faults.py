@@ -405,3 +405,94 @@ def test_malicious_meta_pkl_executes_nothing(tmp_path, dataset, env, reference):
         assert_clear_error(run(cmd, env, cwd=str(tmp_path)), str(evil_data / 'meta.pkl'), 'refusing')
     assert not sentinel.exists()
     assert not os.path.exists(tmp_path / 'fresh' / CKPT_NAME)
+
+
+# -----------------------------------------------------------------------------
+# bad flags, bad data, bad sampling input: one line each, nothing trained or written
+
+def run_side_by_side(cmds, env, cwd, timeout=120):
+    """Scripts that fail before compiling, run concurrently to save wall time."""
+    procs = [subprocess.Popen(c, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done
+
+
+def test_configurator_faults_stop_before_training(tmp_path, dataset, env):
+    (tmp_path / 'raises.py').write_text("batch_size = 8\nn_layer = int('two')\n")
+    cases = [  # (arguments, words the line must contain)
+        (['--n_layr=4'], ['unknown config key: n_layr', '--n_layer']),
+        (['--batch_size=big'], ['--batch_size=big', 'expected int']),
+        (['--max_iters=2.5'], ['--max_iters=2.5', 'expected int']),
+        (['--batch_size'], ["malformed argument '--batch_size'", '--key=value']),
+        (['-batch_size=4'], ["malformed argument '-batch_size=4'"]),
+        (['config/no_such_config.py'], ['config/no_such_config.py']),
+        ([str(tmp_path / 'raises.py')], [f"{tmp_path / 'raises.py'}, line 2", 'ValueError']),
+    ]
+    outs = [tmp_path / f'out{i}' for i in range(len(cases))]
+    procs = run_side_by_side([train_cmd(dataset, str(o), *args) for o, (args, _) in zip(outs, cases)],
+                             env, str(tmp_path))
+    for proc, out, (args, needles) in zip(procs, outs, cases):
+        assert_clear_error(proc, *needles, prefix='config error:')
+        assert 'compiling' not in proc.stdout and not out.exists()  # stopped before anything started
+
+
+@pytest.fixture
+def broken_datasets(tmp_path, dataset, reference):
+    """name -> (dataset folder, extra flags, words the error line must contain)."""
+    def variant(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(dataset, folder)
+        edit(folder)
+        return str(folder)
+
+    ids = np.fromfile(os.path.join(dataset, 'val.bin'), dtype=np.uint16)
+    vocab = json.load(open(os.path.join(dataset, 'meta.json')))['vocab_size']
+    resume = ['--init_from=resume', f'--out_dir={reference[0]}']  # refused before any write: safe to share
+    cases = {
+        'missing_train': (lambda f: os.remove(f / 'train.bin'), [], ['train.bin not found', 'prepare.py']),
+        'missing_val': (lambda f: os.remove(f / 'val.bin'), [], ['val.bin not found']),
+        'empty_train': (lambda f: open(f / 'train.bin', 'wb').close(), [], ['train.bin holds 0 tokens', 'block_size=32']),
+        'short_val': (lambda f: ids[:20].tofile(f / 'val.bin'), [], ['val.bin holds 20 tokens', 'block_size=32']),
+        'torn_train': (lambda f: (f / 'train.bin').write_bytes((f / 'train.bin').read_bytes()[:-1]), [],
+                       ['train.bin has an odd number of bytes']),
+        'unreadable_meta': (lambda f: (f / 'meta.json').write_text('{"vocab_size": 5'), [], ['meta.json is unreadable']),
+        'other_vocab_on_resume': (
+            lambda f: (f / 'meta.json').write_text(json.dumps({'vocab_size': vocab + 7})), resume,
+            [CKPT_NAME, f'vocab_size {vocab}', f'has {vocab + 7}']),
+    }
+    return {name: (variant(name, edit), extra, needles) for name, (edit, extra, needles) in cases.items()}
+
+
+def test_dataset_problems_are_clear_errors(tmp_path, env, broken_datasets, reference):
+    before = open(ckpt_of(reference[0]), 'rb').read()
+    names = list(broken_datasets)
+    cmds = []
+    for name in names:
+        folder, extra, _ = broken_datasets[name]
+        cmds.append(train_cmd(folder, str(tmp_path / f'out_{name}'), *extra))
+    for name, proc in zip(names, run_side_by_side(cmds, env, str(tmp_path))):
+        folder, extra, needles = broken_datasets[name]
+        assert_clear_error(proc, folder, *needles)
+        assert not os.path.exists(tmp_path / f'out_{name}' / CKPT_NAME)
+    assert open(ckpt_of(reference[0]), 'rb').read() == before
+
+
+def test_sample_bad_input_as_a_new_user(tmp_path, env, reference):
+    fresh = tmp_path / 'fresh'  # a new user's empty working directory
+    fresh.mkdir()
+    out = f'--out_dir={reference[0]}'
+    cases = [
+        ([], fresh, [os.path.join('out', CKPT_NAME), 'train one first']),
+        ([out, '--start=Ωmega'], tmp_path, ["'Ω'", 'vocabulary']),
+        ([out, '--start=FILE:prompt.txt'], tmp_path, ["'prompt.txt'", 'No such file']),
+        ([out, '--max_new_tokens=0'], tmp_path, ['max_new_tokens must be at least 1']),
+    ]
+    procs = [subprocess.run(sample_cmd(*args), env=env, cwd=str(cwd), capture_output=True, text=True, timeout=120)
+             for args, cwd, _ in cases]
+    for proc, (args, cwd, needles) in zip(procs, cases):
+        assert_clear_error(proc, *needles)
+    assert os.listdir(fresh) == []
