@@ -1,0 +1,121 @@
+"""configurator.py: nanoGPT's command-line semantics, run the way train.py runs it (exec'd into a
+script's globals). The scripts here hold no jax, so every case is a fast subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a script shaped like train.py's top: plain globals, configurator exec'd, the result printed
+SCRIPT = '''
+import json, os, sys
+out_dir = 'out'
+batch_size = 12
+learning_rate = 6e-4
+bias = False
+compile = True
+dataset = 'openwebtext'
+_private = 1
+exec(open({configurator!r}).read())
+print('RESULT ' + json.dumps({{k: [type(v).__name__, v] for k, v in globals().items()
+                               if k in ('out_dir', 'batch_size', 'learning_rate', 'bias', 'compile', 'dataset')}}))
+'''
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / 'script.py'
+    path.write_text(SCRIPT.format(configurator=os.path.join(REPO, 'configurator.py')))
+    return str(path)
+
+
+def configure(script, *args, cwd=None):
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=60,
+                          cwd=cwd or os.path.dirname(script))
+
+
+def result(proc):
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+    return {k: tuple(v) for k, v in json.loads(line[len('RESULT '):]).items()}
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert 'RESULT' not in proc.stdout  # stopped before the script went on
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_defaults_untouched_without_arguments(script):
+    assert result(configure(script)) == {
+        'out_dir': ('str', 'out'), 'batch_size': ('int', 12), 'learning_rate': ('float', 6e-4),
+        'bias': ('bool', False), 'compile': ('bool', True), 'dataset': ('str', 'openwebtext')}
+
+
+def test_key_value_is_literal_eval_with_string_fallback(script):
+    got = result(configure(script, '--batch_size=32', '--learning_rate=1e-3', '--bias=True',
+                           '--out_dir=out-shakespeare-char', "--dataset='quoted'", '--compile=False'))
+    assert got['batch_size'] == ('int', 32)
+    assert got['learning_rate'] == ('float', 1e-3)
+    assert got['bias'] == ('bool', True)
+    assert got['out_dir'] == ('str', 'out-shakespeare-char')  # not a Python literal: kept as the string
+    assert got['dataset'] == ('str', 'quoted')  # a Python string literal
+    assert got['compile'] == ('bool', False)   # the script's `compile` global shadows the builtin
+    # an int where a float is expected is the float (--learning_rate=1 means 1.0)
+    assert result(configure(script, '--learning_rate=1'))['learning_rate'] == ('float', 1.0)
+    # a value holding '=' splits at the first one only
+    assert result(configure(script, '--out_dir=a=b'))['out_dir'] == ('str', 'a=b')
+
+
+def test_config_file_is_executed_then_later_arguments_win(script, tmp_path):
+    cfg = tmp_path / 'my_config.py'
+    cfg.write_text("batch_size = 2 * 3\nout_dir = 'out-' + str(batch_size)\nlearning_rate = 1e-2\n")
+    proc = configure(script, str(cfg), '--learning_rate=5e-3')
+    got = result(proc)
+    assert got['batch_size'] == ('int', 6) and got['out_dir'] == ('str', 'out-6')  # real Python, exec'd
+    assert got['learning_rate'] == ('float', 5e-3)
+    assert 'Overriding config with' in proc.stdout and "out_dir = 'out-' + str(batch_size)" in proc.stdout
+    # in order: a --key before the file is overridden by the file
+    assert result(configure(script, '--learning_rate=5e-3', str(cfg)))['learning_rate'] == ('float', 1e-2)
+    # a relative path is read from the working directory, like nanoGPT's config/...
+    assert result(configure(script, 'my_config.py', cwd=str(tmp_path)))['batch_size'] == ('int', 6)
+
+
+def test_type_mismatch_is_one_line(script):
+    one_line_error(configure(script, '--batch_size=abc'), '--batch_size=abc', 'expected int')
+    one_line_error(configure(script, '--batch_size=2.5'), 'expected int', 'got float')
+    one_line_error(configure(script, '--bias=1'), 'expected bool', 'got int')
+    one_line_error(configure(script, '--learning_rate=fast'), 'expected float', 'got str')
+
+
+def test_unknown_key_suggests_the_nearest_names(script):
+    line = one_line_error(configure(script, '--batch_sise=32'), 'unknown config key: batch_sise', '--batch_size')
+    assert '--out_dir' not in line
+    # private names and modules are not config keys
+    one_line_error(configure(script, '--_private=2'), 'unknown config key')
+    one_line_error(configure(script, '--json=2'), 'unknown config key')
+    # nothing close: no suggestion, still one line
+    assert 'did you mean' not in one_line_error(configure(script, '--zzzzzz=1'), 'unknown config key: zzzzzz')
+
+
+def test_missing_or_failing_config_file_is_one_line(script, tmp_path):
+    one_line_error(configure(script, 'config/no_such_file.py'), 'config/no_such_file.py')
+    bad = tmp_path / 'bad.py'
+    bad.write_text("batch_size = 4\nn = 1 / 0\n")
+    one_line_error(configure(script, str(bad)), f'{bad}, line 2', 'ZeroDivisionError')
+    syntax = tmp_path / 'syntax.py'
+    syntax.write_text("batch_size = = 4\n")
+    one_line_error(configure(script, str(syntax)), 'SyntaxError')
+
+
+def test_malformed_arguments_are_one_line(script):
+    one_line_error(configure(script, '--batch_size'), 'malformed argument')
+    one_line_error(configure(script, '-batch_size=3'), 'malformed argument')
+    one_line_error(configure(script, '--=3'), 'malformed argument')
