@@ -79,7 +79,7 @@ lr_decay_iters = 600000 # should be ~= max_iters per Chinchilla
 min_lr = 6e-5 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # distributed: one process per machine, JAX's runtime connects them (torchrun + DDP's role)
 backend = 'nccl' # kept for nanoGPT's command lines; JAX picks GPU/TPU collectives itself, 'mpi' selects MPI for CPU (default gloo)
-coordinator_address = '' # 'host:port' of process 0; default $JAX_COORDINATOR_ADDRESS
+coordinator_address = '' # 'host:port' of process 0, or 'auto' on a TPU pod/SLURM/Open MPI/Kubernetes; default $JAX_COORDINATOR_ADDRESS
 num_processes = 0 # default $JAX_NUM_PROCESSES, else 1
 process_id = -1 # default $JAX_PROCESS_ID
 # system
@@ -101,17 +101,32 @@ def die(msg):
 # multi-process: must connect before anything asks JAX for devices
 coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
 try:
-    num_processes = num_processes if num_processes > 0 else int(os.environ.get('JAX_NUM_PROCESSES', '1'))
-    process_id = process_id if process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', '0'))
+    num_processes = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', '1'))
+    process_id = process_id if process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', '-1'))
 except ValueError:
     die("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers")
-if num_processes > 1:
+auto_cluster = coordinator_address == 'auto' # Cloud TPU pods, SLURM, Open MPI, Kubernetes: JAX reads the cluster's own variables
+if num_processes > 1 and not auto_cluster:
     if not coordinator_address:
-        die(f"num_processes={num_processes} needs a coordinator: set --coordinator_address=host:port or JAX_COORDINATOR_ADDRESS")
+        die(f"num_processes={num_processes} needs a coordinator: set --coordinator_address=host:port of process 0 "
+            f"(or JAX_COORDINATOR_ADDRESS), the same on every process")
     if not 0 <= process_id < num_processes:
-        die(f"process_id={process_id} must be in [0, {num_processes})")
+        die(f"process_id={process_id}: give each process its own --process_id (or JAX_PROCESS_ID) in [0, {num_processes})")
+if num_processes > 1 or auto_cluster:
     jax.config.update('jax_cpu_collectives_implementation', 'mpi' if backend == 'mpi' else 'gloo')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    try:
+        if auto_cluster:
+            jax.distributed.initialize(None, num_processes if num_processes > 1 else None, process_id if process_id >= 0 else None)
+        else:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except Exception as e: # a cluster JAX does not recognise, an unreachable coordinator, a port in use
+        reason = str(e).strip().splitlines()[0].rstrip('.') if str(e).strip() else type(e).__name__
+        if auto_cluster and 'coordinator_address should be defined' in reason:
+            reason = "JAX detects no cluster here"
+        hint = ("JAX recognises Cloud TPU pods, SLURM, Open MPI and Kubernetes; elsewhere give "
+                "--coordinator_address=host:port --num_processes=N --process_id=I" if auto_cluster else
+                "start the same command on every process, with the same coordinator (process 0's host and a free port)")
+        die(f"cannot join the multi-process run (coordinator_address={coordinator_address!r}): {reason}; {hint}")
 
 # devices: `device` names the platform, optionally one device of it ('cuda:1')
 platform_name, _, device_index = device.partition(':')
