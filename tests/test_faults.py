@@ -496,3 +496,64 @@ def test_sample_bad_input_as_a_new_user(tmp_path, env, reference):
     for proc, (args, cwd, needles) in zip(procs, cases):
         assert_clear_error(proc, *needles)
     assert os.listdir(fresh) == []
+
+
+# -----------------------------------------------------------------------------
+# divergence and failing saves: a clear stop, and the checkpoint on disk stays as it was
+
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(tmp_path, dataset, env, resumable):
+    before = open(ckpt_of(resumable), 'rb').read()
+    # an absurd learning rate blows the weights up within a step or two; without
+    # always_save_checkpoint the resume point's eval (val loss equal to best) writes nothing
+    proc = run(train_cmd(dataset, resumable, '--init_from=resume', f'--max_iters={MAX_ITERS + 12}',
+                         '--learning_rate=1e30', '--decay_lr=False', '--always_save_checkpoint=False'),
+               env, cwd=str(tmp_path))
+    last = assert_clear_error(proc, 'diverged', f'the checkpoint in {resumable}', 'untouched')
+    it = int(re.match(r'error: iter (\d+): (val )?loss is (nan|inf|-inf)', last)[1])
+    logged, _ = losses_logged(proc.stdout)
+    assert it > MAX_ITERS and it not in logged and all(np.isfinite(float(v)) for v in logged.values())
+    assert open(ckpt_of(resumable), 'rb').read() == before
+    assert temps_in(resumable) == []
+
+
+def test_disk_full_at_save_time_keeps_the_previous_checkpoint(tmp_path, dataset, env, resumable):
+    """RLIMIT_FSIZE makes any write past the limit fail with EFBIG, as a full disk fails a write:
+    the limit lets the run start but not write a whole checkpoint."""
+    path = ckpt_of(resumable)
+    before = open(path, 'rb').read()
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+
+    proc = run(train_cmd(dataset, resumable, '--init_from=resume', f'--max_iters={MAX_ITERS + 2}'),
+               env, cwd=str(tmp_path), preexec_fn=small_files)
+    assert_clear_error(proc, f'cannot write the checkpoint to {resumable}', 'previous checkpoint is intact')
+    assert open(path, 'rb').read() == before
+    assert temps_in(resumable) == []  # the partial temp file was removed, not left filling the disk
+
+
+def test_out_dir_read_only_at_save_time_keeps_the_previous_checkpoint(tmp_path, dataset, env, resumable):
+    """out_dir turns read-only during the run (after the start-up check passed); root ignores file
+    modes, so there the wrapper raises the EACCES the write would get."""
+    path = ckpt_of(resumable)
+    before = open(path, 'rb').read()
+    wrapper = tmp_path / 'faulty.py'
+    wrapper.write_text(FAULTY)
+    try:
+        proc = run(train_cmd(dataset, resumable, '--init_from=resume', f'--max_iters={MAX_ITERS + 2}',
+                             wrapper=str(wrapper)), dict(env, FAULT='readonly:1'), cwd=str(tmp_path))
+    finally:
+        os.chmod(resumable, 0o755)
+    assert_clear_error(proc, f'cannot write the checkpoint to {resumable}', 'Permission denied',
+                       'previous checkpoint is intact')
+    assert open(path, 'rb').read() == before
+    assert temps_in(resumable) == []
+
+
+def test_out_dir_not_writable_at_start_fails_before_compiling(tmp_path, dataset, env):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a directory')
+    proc = run(train_cmd(dataset, str(blocker / 'out')), env, cwd=str(tmp_path))
+    assert_clear_error(proc, 'out_dir', str(blocker / 'out'), 'not writable')
+    assert 'compiling' not in proc.stdout
