@@ -31,16 +31,22 @@ compile = False  # kept for nanoGPT's flags; ignored: the decoding loop is alway
 # -----------------------------------------------------------------------------
 
 
+def crop_top_k(logits_BV, top_k):
+    """nanoGPT's top-k cut: logits below the k-th largest of their row become -inf. Ties at the
+    k-th value all stay, so more than k tokens can survive. top_k None or >= V keeps everything."""
+    if top_k is None:
+        return logits_BV
+    v_BK, _ = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))
+    return jnp.where(logits_BV < v_BK[:, -1:], -jnp.inf, logits_BV)
+
+
 def sample_next(logits_BV, key, temperature, top_k):
-    """One step of nanoGPT's sampling rule: scale by 1/temperature, keep the logits >= the k-th
-    largest (ties at the k-th value all stay, as in nanoGPT), softmax, draw one token per row.
-    temperature 0.0 means greedy: the argmax, whatever top_k is."""
+    """One step of nanoGPT's sampling rule: scale by 1/temperature, crop to the top k, softmax,
+    draw one token per row. temperature 0.0 means greedy: the argmax, whatever top_k is
+    (nanoGPT would divide by zero)."""
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV / temperature
-    if top_k is not None:
-        v_BK, _ = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))
-        logits_BV = jnp.where(logits_BV < v_BK[:, -1:], -jnp.inf, logits_BV)
+    logits_BV = crop_top_k(logits_BV / temperature, top_k)
     # categorical samples from softmax(logits) itself; -inf entries have probability 0
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
@@ -124,7 +130,8 @@ def fail(msg):
 
 
 if __name__ == '__main__':
-    exec(open('configurator.py').read())  # overrides from command line or config file
+    # overrides from command line or config file (found next to this script, whatever the cwd)
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 
     if max_new_tokens < 1:
         fail(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -134,6 +141,14 @@ if __name__ == '__main__':
         fail(f"temperature must be >= 0.0 (0.0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         fail(f"top_k must be at least 1 (top_k >= the vocabulary size keeps every token), got {top_k}")
+
+    # the prompt file is read before any model loads, so a wrong path fails fast
+    if start.startswith('FILE:'):
+        try:
+            with open(start[5:], 'r', encoding='utf-8') as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the prompt file {start[5:]!r}: {getattr(e, 'strerror', None) or e}")
 
     # device and dtype
     platform, _, index = device.partition(':')
@@ -171,7 +186,7 @@ if __name__ == '__main__':
     params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, ptdtype), params), dev)
 
     # the dataset's vocabulary if it has one (character-level), else GPT-2 BPE
-    meta = None
+    meta, meta_dir = None, None
     if ckpt_meta is not None and 'dataset' in ckpt_meta.get('config', {}):
         meta_dir = os.path.join('data', ckpt_meta['config']['dataset'])
         try:
@@ -197,6 +212,11 @@ if __name__ == '__main__':
         def decode(ids):
             return ''.join(itos[i] for i in ids)
     else:
+        if gptconf.vocab_size < 50257:
+            where = f" (looked in {meta_dir})" if meta_dir else ""
+            fail(f"the model's vocabulary has {gptconf.vocab_size} tokens, too few for GPT-2 BPE, and its dataset "
+                 f"vocabulary (meta.json or meta.pkl) was not found{where}: run sample.py from the directory "
+                 f"train.py ran in, or prepare the dataset again")
         print("No meta found, assuming GPT-2 encodings...")
         import tiktoken
         enc = tiktoken.get_encoding("gpt2")
@@ -210,15 +230,12 @@ if __name__ == '__main__':
                             for i in ids).decode('utf-8', errors='replace')
 
     # encode the beginning of the prompt
-    if start.startswith('FILE:'):
-        try:
-            with open(start[5:], 'r', encoding='utf-8') as f:
-                start = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read the prompt file {start[5:]!r}: {getattr(e, 'strerror', None) or e}")
     start_ids = encode(start)
     if not start_ids:
         fail("the prompt is empty: give at least one token with --start=... or FILE:path")
+    if max(start_ids) >= gptconf.vocab_size:
+        fail(f"the prompt encodes to token {max(start_ids)} but the model's vocabulary has only "
+             f"{gptconf.vocab_size} tokens: use a prompt within its vocabulary")
     x = jax.device_put(jnp.asarray(start_ids, dtype=jnp.int32)[None, ...], dev)
     key = jax.device_put(jax.random.PRNGKey(seed), dev)
 

@@ -1,0 +1,229 @@
+"""sample.py: the KV-cache decoder must pick exactly the tokens nanoGPT's generate picks (a full
+recompute over the cropped context, written out here), match Hugging Face's GPT-2 generate, keep
+nanoGPT's temperature/top-k rule, and answer a user's mistakes with one clear line."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import checkpoint  # noqa: E402
+from model import GPTConfig, gpt_forward, init_params, from_pretrained  # noqa: E402
+from sample import make_generate, crop_top_k, sample_next  # noqa: E402
+
+TIKTOKEN_CACHE = os.path.abspath(os.path.join(REPO, '..', 'shared', 'tiktoken_cache'))
+TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=50)  # few context lengths to compile
+
+
+def tiny_params(config=TINY, seed=0):
+    params = init_params(config, jax.random.PRNGKey(seed))
+    # nanoGPT's init gives logits within ~0.1 of each other; spread them so that float rounding
+    # between two correct implementations cannot flip a greedy argmax
+    params['transformer/wte']['weight'] = params['transformer/wte']['weight'] * 20.0
+    return params
+
+
+_forwards = {}
+
+
+def _jit_forward(config):
+    # one jitted function per config, so each context length compiles once for the whole module
+    if str(config) not in _forwards:
+        _forwards[str(config)] = jax.jit(lambda p, idx: gpt_forward(config).apply(p, None, idx)[0])
+    return _forwards[str(config)]
+
+
+def full_recompute_greedy(params, config, idx_BT, max_new_tokens):
+    """nanoGPT's GPT.generate with greedy picks: crop to the last block_size tokens, run the whole
+    context through the model, take the argmax at the last position, append, repeat."""
+    forward = _jit_forward(config)
+    idx = np.asarray(idx_BT)
+    for _ in range(max_new_tokens):
+        idx_cond = idx if idx.shape[1] <= config.block_size else idx[:, -config.block_size:]
+        logits_BV = np.asarray(forward(params, idx_cond))[:, -1, :]
+        idx = np.concatenate([idx, logits_BV.argmax(-1)[:, None]], axis=1)
+    return idx
+
+
+# (prompt length, new tokens) with block_size 8: in the cache, then past block_size; a prompt of
+# exactly block_size; a prompt longer than block_size
+@pytest.mark.parametrize('T,new', [(3, 20), (8, 4), (11, 5)])
+def test_greedy_kv_cache_matches_full_recompute(T, new):
+    params = tiny_params()
+    idx_BT = jax.random.randint(jax.random.PRNGKey(T), (2, T), 0, TINY.vocab_size, dtype=jnp.int32)
+    want = full_recompute_greedy(params, TINY, idx_BT, new)
+    got = np.asarray(make_generate(TINY, new, temperature=0.0)(params, idx_BT, jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(got, want)
+    if T == 3:  # top_k=1 at temperature 1 is greedy too, through the sampling path
+        got_k1 = make_generate(TINY, new, temperature=1.0, top_k=1)(params, idx_BT, jax.random.PRNGKey(5))
+        np.testing.assert_array_equal(np.asarray(got_k1), want)
+
+
+def test_seeded_sampling_is_reproducible():
+    params = init_params(TINY, jax.random.PRNGKey(0))  # nanoGPT's init: near-uniform, so seeds matter
+    idx_BT = jnp.array([[1, 2, 3]], jnp.int32)
+    run = make_generate(TINY, 12, temperature=1.0, top_k=None)  # crosses block_size too
+    a = np.asarray(run(params, idx_BT, jax.random.PRNGKey(1337)))
+    b = np.asarray(run(params, idx_BT, jax.random.PRNGKey(1337)))
+    c = np.asarray(run(params, idx_BT, jax.random.PRNGKey(1338)))
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    np.testing.assert_array_equal(a[:, :3], idx_BT)
+
+
+def numpy_top_k(logits, k):
+    """nanoGPT's rule in numpy: v = topk(logits, min(k, V)); logits[logits < v[-1]] = -inf."""
+    v = np.sort(logits)[::-1][min(k, logits.shape[-1]) - 1]
+    out = logits.copy()
+    out[out < v] = -np.inf
+    return out
+
+
+def test_top_k_matches_nanogpt_rule():
+    logits = np.array([1.0, 3.0, 2.0, 3.0, -1.0, 2.0, 0.5, -7.0], np.float32)  # ties at the 2nd and 3rd values
+    for k in [1, 2, 3, 4, 5, 8, 100]:
+        got = np.asarray(crop_top_k(jnp.asarray(logits)[None], k))[0]
+        np.testing.assert_array_equal(got, numpy_top_k(logits, k))
+    np.testing.assert_array_equal(np.asarray(crop_top_k(jnp.asarray(logits)[None], None))[0], logits)
+
+    # sampling only ever draws kept tokens, in softmax(logits / temperature) proportions
+    temperature, k = 0.7, 3
+    kept = numpy_top_k(logits / temperature, k)
+    p = np.exp(kept - kept.max())
+    p /= p.sum()
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    draws = np.asarray(jax.vmap(lambda key: sample_next(jnp.asarray(logits)[None], key, temperature, k)[0])(keys))
+    freq = np.bincount(draws, minlength=len(logits)) / len(draws)
+    assert set(np.flatnonzero(freq)) == set(np.flatnonzero(p))
+    np.testing.assert_allclose(freq, p, atol=0.03)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2 (test-only dependency): a small random one saved with save_pretrained
+
+@pytest.fixture(scope='module')
+def hf_gpt2(tmp_path_factory):
+    torch = pytest.importorskip('torch')
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    folder = tmp_path_factory.mktemp('hf_gpt2')
+    model.save_pretrained(str(folder))
+    return model, str(folder)
+
+
+def hf_greedy(model, ids, max_new_tokens):
+    import torch
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             eos_token_id=None, pad_token_id=0)  # no early stop: always max_new_tokens
+    return out[0].tolist()
+
+
+def test_greedy_matches_hf_generate(hf_gpt2):
+    model, folder = hf_gpt2
+    config, params = from_pretrained(folder)
+    assert config.block_size == 32 and config.activation == 'gelu_new'
+    ids = [464, 2068, 7586, 21831, 18045, 625, 262]
+    new = 32 - len(ids)  # up to HF's n_positions, the longest it can generate
+    want = hf_greedy(model, ids, new)
+    got = make_generate(config, new, temperature=0.0)(params, jnp.asarray([ids], jnp.int32), jax.random.PRNGKey(0))
+    assert np.asarray(got)[0].tolist() == want
+
+
+def run_sample(*args, cwd=REPO, timeout=180):
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, PYTHONIOENCODING='utf-8', JAX_PLATFORMS='cpu')
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'sample.py'), *args], cwd=cwd, env=env,
+                       capture_output=True, timeout=timeout)
+    return r.returncode, r.stdout.decode('utf-8'), r.stderr.decode('utf-8')
+
+
+@pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE), reason=f"no offline tiktoken cache at {TIKTOKEN_CACHE}")
+def test_sample_script_local_hf_dir_matches_hf(hf_gpt2, tmp_path):
+    os.environ['TIKTOKEN_CACHE_DIR'] = TIKTOKEN_CACHE
+    import tiktoken
+    model, folder = hf_gpt2
+    enc = tiktoken.get_encoding('gpt2')
+    prompt = "The quick brown fox jumps over"
+    ids = enc.encode(prompt)
+    (tmp_path / 'prompt.txt').write_text(prompt, encoding='utf-8')
+    new = 20
+    want = enc.decode(hf_greedy(model, ids, new))
+    rc, out, err = run_sample(f'--init_from={folder}', f'--start=FILE:{tmp_path / "prompt.txt"}', '--num_samples=1',
+                              f'--max_new_tokens={new}', '--temperature=0.0', '--device=cpu', '--dtype=float32',
+                              cwd=str(tmp_path))  # any working directory
+    assert rc == 0, err
+    assert want + '\n---------------\n' in out
+    assert 'tokens/s' in out
+
+
+# -----------------------------------------------------------------------------
+# a character-level checkpoint as train.py writes it, for the script's own checks
+
+CHARS = sorted(set("First Citizen:\nBefore we proceed any further, hear me speak.\n"))
+
+
+@pytest.fixture(scope='module')
+def char_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('char_run')
+    data_dir = root / 'data' / 'tiny_char'
+    data_dir.mkdir(parents=True)
+    meta = {'vocab_size': len(CHARS), 'itos': {i: c for i, c in enumerate(CHARS)},
+            'stoi': {c: i for i, c in enumerate(CHARS)}}
+    (data_dir / 'meta.json').write_text(json.dumps(meta))
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=len(CHARS))
+    out_dir = root / 'out'
+    out_dir.mkdir()
+    checkpoint.save_checkpoint(str(out_dir / checkpoint.CKPT_NAME), checkpoint.params_to_arrays(init_params(config, jax.random.PRNGKey(0))),
+                               {'model_args': asdict(config), 'iter_num': 0, 'best_val_loss': 1e9,
+                                'config': {'dataset': 'tiny_char'}, 'seed': 1337, 'dtype': 'float32'})
+    return root
+
+
+def samples_of(out):
+    """The samples sample.py printed: what follows its 'Loading meta from ...' line, one per separator."""
+    body = out[out.index('Loading meta from'):].split('\n', 1)[1]
+    return body.split('\n---------------\n')[:-1]
+
+
+def test_sample_script_char_seeds(char_run):
+    args = ['--out_dir=out', '--start=First', '--num_samples=2', '--max_new_tokens=30', '--temperature=1.0',
+            '--top_k=10', '--device=cpu']
+    rc, out, err = run_sample(*args, '--seed=7', cwd=str(char_run))
+    assert rc == 0, err
+    assert 'Loading meta from' in out and 'tokens/s' in out
+    first = samples_of(out)
+    assert len(first) == 2 and first[0] != first[1]  # two samples of one run differ
+    for s in first:
+        assert s.startswith('First') and len(s) == 5 + 30 and set(s) <= set(CHARS)
+    rc, out, err = run_sample(*args, '--seed=7', cwd=str(char_run))
+    assert rc == 0 and samples_of(out) == first  # the same seed gives the same samples
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--out_dir=nowhere'], 'no checkpoint at nowhere'),
+    (['--start=Fi§Qx'], "'Q', 'x', '§'"),
+    (['--start=FILE:missing_prompt.txt'], 'missing_prompt.txt'),
+    (['--max_new_tokens=0'], 'max_new_tokens must be at least 1'),
+    (['--temperature=-0.5'], 'temperature must be >= 0.0'),
+    (['--init_from=gpt3'], "unknown pretrained model 'gpt3'"),
+])
+def test_sample_script_bad_input(char_run, args, message):
+    ckpt = os.path.join(char_run, 'out', checkpoint.CKPT_NAME)
+    before = open(ckpt, 'rb').read()
+    rc, out, err = run_sample('--out_dir=out', '--num_samples=1', '--max_new_tokens=5', *args, cwd=str(char_run))
+    assert rc != 0
+    assert 'Traceback' not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
+    assert open(ckpt, 'rb').read() == before
