@@ -1,6 +1,15 @@
 """
 Sample from a trained model (or a GPT-2 checkpoint).
 
+$ python sample.py --out_dir=out-shakespeare-char          # a model train.py wrote
+$ python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?" \
+    --num_samples=5 --max_new_tokens=100                    # OpenAI's GPT-2 (Hugging Face hub)
+$ python sample.py --init_from=path/to/dir --start=FILE:prompt.txt --temperature=0
+                                                            # a save_pretrained GPT-2 dir; greedy
+
+--temperature=0 is greedy decoding (the most likely token every step; top_k and seed do not
+matter then). Each sample k uses the key fold_in(PRNGKey(seed), k), so a run is reproducible.
+
 Decoding uses a KV cache: the prompt goes through the model once (prefill), then each new token
 is one single-position step, all of it inside one compiled lax.fori_loop. Tokens are the ones
 nanoGPT's generate would pick, including past block_size (see make_generate).

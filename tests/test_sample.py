@@ -227,3 +227,11 @@ def test_sample_script_bad_input(char_run, args, message):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
     assert open(ckpt, 'rb').read() == before
+
+
+def test_sample_script_char_model_without_its_vocabulary(char_run):
+    # run from a directory without data/tiny_char/: GPT-2 BPE would feed ids the model does not have
+    rc, out, err = run_sample('--out_dir=.', '--max_new_tokens=5', cwd=os.path.join(char_run, 'out'))
+    assert rc != 0 and 'Traceback' not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'too few for GPT-2 BPE' in lines[0] and 'tiny_char' in lines[0], err
