@@ -127,6 +127,14 @@ if num_processes > 1 or auto_cluster:
                 "--coordinator_address=host:port --num_processes=N --process_id=I" if auto_cluster else
                 "start the same command on every process, with the same coordinator (process 0's host and a free port)")
         die(f"cannot join the multi-process run (coordinator_address={coordinator_address!r}): {reason}; {hint}")
+    def excepthook(kind, value, tb, default=sys.excepthook):
+        # a collective fails in every other process when one process stops (its own error is in its output)
+        if isinstance(value, jax.errors.JaxRuntimeError):
+            print(f"error: process {jax.process_index()} of {jax.process_count()}: {str(value).strip().splitlines()[0]}; "
+                  f"if another process stopped first, its output says why", file=sys.stderr)
+        else:
+            default(kind, value, tb)
+    sys.excepthook = excepthook
 
 # devices: `device` names the platform, optionally one device of it ('cuda:1')
 platform_name, _, device_index = device.partition(':')
@@ -278,7 +286,8 @@ try:
         die(f"init_from={init_from!r}: use 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' "
             f"or a local GPT-2 directory")
 except CheckpointError as e:
-    die(str(e))
+    shared = " (every process reads the checkpoint process 0 wrote: put out_dir on a filesystem all hosts share)"
+    die(str(e) + (shared if init_from == 'resume' and jax.process_count() > 1 else ""))
 except (ValueError, OSError, KeyError) as e: # bad model_args, missing or unreadable weights
     die(f"cannot initialize from {init_from!r}: {type(e).__name__}: {e}")
 # crop down the model block size if desired, using model surgery

@@ -63,10 +63,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def child_env(compile_cache, **extra):
+def child_env(compile_cache, host_devices=1, **extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(('JAX_', 'SLURM_', 'OMPI_', 'XLA_', 'TPU_'))}  # nothing inherited may start a cluster
-    env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', WANDB_MODE='disabled',
+    # LLVM's optimisations triple XLA's compile time of these tiny steps, and every run here has the same flags
+    xla_flags = '--xla_backend_optimization_level=0'
+    if host_devices > 1:
+        xla_flags += f' --xla_force_host_platform_device_count={host_devices}'
+    env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', WANDB_MODE='disabled', XLA_FLAGS=xla_flags,
                JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
     env.update(extra)
@@ -79,7 +83,7 @@ def launch(jobs, cwd, what):
     if not _start:
         _start.append(time.monotonic())
     deadline = _start[0] + BUDGET_S
-    procs, logs = [], []
+    procs, logs, started = [], [], time.monotonic()
     try:
         for i, (args, env) in enumerate(jobs):
             log = open(os.path.join(cwd, f'{what.replace(" ", "_")}.{i}.log'), 'w+')
@@ -99,6 +103,7 @@ def launch(jobs, cwd, what):
                 p.wait()
         for log in logs:
             log.flush()
+    print(f"{what}: {time.monotonic() - started:.1f}s")
     out = []
     for p, log in zip(procs, logs):
         log.seek(0)
@@ -139,19 +144,23 @@ def multi(coordinator, n, i, flags):
     return [], dict(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
 
 
-@pytest.mark.parametrize('args, env, expected', [
+BAD_SETTINGS = [
     (['--num_processes=2', '--process_id=0'], {}, 'needs a coordinator'),
     (['--coordinator_address=localhost:1'], {'JAX_NUM_PROCESSES': '2'}, 'give each process its own --process_id'),
     (['--coordinator_address=auto'], {}, 'JAX detects no cluster here'),
     ([], {'JAX_NUM_PROCESSES': 'two'}, 'must be integers'),
-])
-def test_bad_multi_process_settings_give_one_line(data_dir, compile_cache, tmp_path, args, env, expected):
-    (rc, out), = launch([(TINY + [f'--dataset={data_dir}', f'--out_dir={tmp_path / "out"}'] + args,
-                          child_env(compile_cache, **env))], str(tmp_path), 'bad settings')
-    assert rc != 0 and 'Traceback' not in out, out[-2000:]
-    lines = [l for l in out.splitlines() if l.startswith('error:')]
-    assert len(lines) == 1 and expected in lines[0], out[-2000:]
-    assert not os.path.exists(tmp_path / 'out' / CKPT_NAME)
+]
+
+
+def test_bad_multi_process_settings_give_one_line(data_dir, compile_cache, tmp_path):
+    jobs = [(TINY + [f'--dataset={data_dir}', f'--out_dir={tmp_path / f"out{i}"}'] + args, child_env(compile_cache, **env))
+            for i, (args, env, _) in enumerate(BAD_SETTINGS)]
+    results = launch(jobs, str(tmp_path), 'bad settings')  # together: each stops before compiling anything
+    for i, ((rc, out), (args, env, expected)) in enumerate(zip(results, BAD_SETTINGS)):
+        lines = [l for l in out.splitlines() if l.startswith('error:')]
+        assert rc != 0 and 'Traceback' not in out and len(lines) == 1, f"{args} {env}:\n{out[-2000:]}"
+        assert expected in lines[0], f"{args} {env}: {lines[0]}"
+        assert not os.path.exists(tmp_path / f'out{i}' / CKPT_NAME)
 
 
 def test_two_processes_match_one_process_and_resume(data_dir, compile_cache, tmp_path):
@@ -167,7 +176,7 @@ def test_two_processes_match_one_process_and_resume(data_dir, compile_cache, tmp
         args, env = multi(coordinator, 2, i, flags=False)
         jobs.append((base + args + ['--max_iters=2', f'--out_dir={od}'], child_env(compile_cache, **env)))
     jobs.append((base + ['--max_iters=4', f'--out_dir={tmp_path / "ref2"}'],
-                 child_env(compile_cache, XLA_FLAGS='--xla_force_host_platform_device_count=2')))
+                 child_env(compile_cache, host_devices=2)))
     jobs.append((base + ['--max_iters=4', f'--out_dir={tmp_path / "ref1"}'], child_env(compile_cache)))
     first, second, ref2, ref1 = ok(launch(jobs, str(tmp_path), '2 processes then references'), 'first launch')
 
@@ -211,6 +220,23 @@ def test_two_processes_match_one_process_and_resume(data_dir, compile_cache, tmp
             np.testing.assert_allclose(arrays[k], ref_arrays[k], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
     # and training did move them: the comparison above is not between two copies of the init
     assert losses(first_r)[('iter', 4)] < losses(first)[('iter', 0)] - 0.2
+
+    # a process whose out_dir does not hold process 0's checkpoint (a disk of its own) cannot resume:
+    # it says so in one line, and process 0, left waiting in its first collective, stops with one line too
+    coordinator = f'localhost:{free_port()}'
+    jobs = []
+    for i, od in enumerate([out_dir, out_dir_1]):
+        args, env = multi(coordinator, 2, i, flags=False)
+        jobs.append((base + args + ['--max_iters=6', '--init_from=resume', f'--out_dir={od}'],
+                     child_env(compile_cache, **env)))
+    results = launch(jobs, str(tmp_path), '2 processes, process 1 without the checkpoint')
+    for i, (rc, out) in enumerate(results):
+        lines = [l for l in out.splitlines() if l.startswith('error:')]
+        assert rc != 0 and 'Traceback' not in out and len(lines) == 1, f"process {i}:\n{out[-3000:]}"
+        expected = 'if another process stopped first, its output says why' if i == 0 else \
+            'put out_dir on a filesystem all hosts share'
+        assert expected in lines[0], lines[0]
+    assert load_checkpoint(os.path.join(out_dir, CKPT_NAME))[1]['iter_num'] == 4
 
 
 def test_cluster_auto_detection_and_divergence_stop_every_process(data_dir, compile_cache, tmp_path):
