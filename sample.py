@@ -84,42 +84,40 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
     @jax.jit
     def generate(params, idx_BT, key):
         B, T = idx_BT.shape
-        N = T + max_new_tokens
-        idx_BN = jnp.zeros((B, N), jnp.int32).at[:, :T].set(idx_BT.astype(jnp.int32))
-        cache = init_cache(config, B, params['transformer/wte']['weight'].dtype)
+        idx_BN = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(idx_BT.astype(jnp.int32))
 
-        def from_cache(L, idx_BN, cache):
-            # tokens 0..L-2 are cached; the newest one (index L-1) joins at position L-1
-            tok_B1 = jax.lax.dynamic_slice_in_dim(idx_BN, L - 1, 1, axis=1)
-            return decode(params, tok_B1, cache, L - 1)
+        def put_next(i, L, logits_BV, idx_BN):
+            # token number L (new token i) from the logits of a context of L tokens
+            next_B = sample_next(logits_BV, jax.random.fold_in(key, i), temperature, top_k)
+            return jax.lax.dynamic_update_slice_in_dim(idx_BN, next_B[:, None], L, axis=1)
 
-        def from_window(L, idx_BN, cache):
-            win_BS = jax.lax.dynamic_slice_in_dim(idx_BN, L - block_size, block_size, axis=1)
-            logits_B1V, _ = forward(params, None, win_BS)
-            return logits_B1V[:, -1, :], cache
-
-        def step(i, carry):
-            # L = T + i tokens are known; draw token number L
+        def cached_step(i, carry):
+            # tokens 0..L-2 are in the cache; the newest one (index L-1) joins at position L-1
             idx_BN, cache = carry
             L = T + i
-            if N - 1 <= block_size:  # the whole run fits in the cache
-                logits_BV, cache = from_cache(L, idx_BN, cache)
-            elif T > block_size:  # cropped from the start
-                logits_BV, cache = from_window(L, idx_BN, cache)
-            else:
-                logits_BV, cache = jax.lax.cond(L <= block_size, from_cache, from_window, L, idx_BN, cache)
-            next_B = sample_next(logits_BV, jax.random.fold_in(key, i), temperature, top_k)
-            idx_BN = jax.lax.dynamic_update_slice_in_dim(idx_BN, next_B[:, None], L, axis=1)
-            return idx_BN, cache
+            tok_B1 = jax.lax.dynamic_slice_in_dim(idx_BN, L - 1, 1, axis=1)
+            logits_BV, cache = decode(params, tok_B1, cache, L - 1)
+            return put_next(i, L, logits_BV, idx_BN), cache
 
-        # token 0: prefill the whole prompt at positions 0..T-1 in one pass
+        def window_step(i, idx_BN):
+            # nanoGPT's crop: the last block_size tokens, at positions 0..block_size-1
+            L = T + i
+            win_BS = jax.lax.dynamic_slice_in_dim(idx_BN, L - block_size, block_size, axis=1)
+            return put_next(i, L, forward(params, None, win_BS)[0][:, -1, :], idx_BN)
+
+        # The two phases are split at trace time (T and block_size are static), so each loop body
+        # is straight-line code: no lax.cond, and no cache carried where it is no longer used.
+        # new token i comes from a context of T + i tokens: cached while T + i <= block_size
+        n_cached = min(max_new_tokens, block_size - T + 1) if T <= block_size else 0
         if T <= block_size:
-            logits_BV, cache = decode(params, idx_BT, cache, 0)
+            # token 0: prefill the whole prompt at positions 0..T-1 in one pass
+            cache = init_cache(config, B, params['transformer/wte']['weight'].dtype)
+            logits_BV, cache = decode(params, idx_BT.astype(jnp.int32), cache, 0)
+            idx_BN = put_next(0, T, logits_BV, idx_BN)
+            idx_BN, _ = jax.lax.fori_loop(1, n_cached, cached_step, (idx_BN, cache))
         else:
-            logits_BV = forward(params, None, idx_BT[:, -block_size:])[0][:, -1, :]
-        idx_BN = idx_BN.at[:, T].set(sample_next(logits_BV, jax.random.fold_in(key, 0), temperature, top_k))
-        idx_BN, _ = jax.lax.fori_loop(1, max_new_tokens, step, (idx_BN, cache))
-        return idx_BN
+            idx_BN = window_step(0, idx_BN)
+        return jax.lax.fori_loop(max(n_cached, 1), max_new_tokens, window_step, idx_BN)
 
     return generate
 
