@@ -35,10 +35,16 @@ def hf():
     return make_reference
 
 
+_JITTED = {}  # one jit'd function per (kind, config), so tests sharing a model and shapes compile once
+
+
 def forward_fn(config):
     """jit'd (params, idx_BT, targets_BT) -> (logits, loss), eval mode."""
-    fwd = gpt_forward(config)
-    return jax.jit(lambda params, idx_BT, targets_BT=None: fwd.apply(params, None, idx_BT, targets_BT))
+    key = ('forward', repr(config))
+    if key not in _JITTED:
+        fwd = gpt_forward(config)
+        _JITTED[key] = jax.jit(lambda params, idx_BT, targets_BT=None: fwd.apply(params, None, idx_BT, targets_BT))
+    return _JITTED[key]
 
 
 def full_logits(config, params, idx_BT):
@@ -58,8 +64,11 @@ def rel_err(a, b):
 
 def grads_as_state_dict(config, params, idx_BT, targets_BT):
     """Our loss and d loss / d params, keyed by nanoGPT state_dict name in nanoGPT's (torch) layout."""
-    fwd = gpt_forward(config)
-    loss, g = jax.jit(jax.value_and_grad(lambda p: fwd.apply(p, None, idx_BT, targets_BT)[1]))(params)
+    key = ('grad', repr(config))
+    if key not in _JITTED:
+        fwd = gpt_forward(config)
+        _JITTED[key] = jax.jit(jax.value_and_grad(lambda p, idx, tgt: fwd.apply(p, None, idx, tgt)[1]))
+    loss, g = _JITTED[key](params, idx_BT, targets_BT)
     sd = model.to_state_dict(g)
     del sd['lm_head.weight']  # to_state_dict's alias of the one tied wte
     return float(loss), sd
@@ -135,7 +144,8 @@ def test_loss_and_every_gradient_match_hf():
     sd = ref.nanogpt_state_dict(hf_model, bias)
     np.testing.assert_array_equal(sd['lm_head.weight'], sd['transformer.wte.weight'])
     params = model.from_state_dict(sd)
-    idx_BT, targets_BT = ref.make_inputs(config.vocab_size, 3, config.block_size, seed=5)
+    # B=2, T=16: the fixture test's shapes and model, so the gradient compiles once for both
+    idx_BT, targets_BT = ref.make_inputs(config.vocab_size, 2, config.block_size, seed=5)
     assert (targets_BT == -1).any()
     _, hf_loss = ref.logits_and_loss(hf_model, idx_BT, targets_BT)
     hf_loss.backward()
@@ -150,3 +160,252 @@ def test_loss_and_every_gradient_match_hf():
     print(f"\nbias={bias}: loss {loss:.6f} vs torch {hf_loss.item():.6f}, |Δ| {d_loss:.2e}")
     assert d_loss <= 1e-5, f"loss |Δ| {d_loss:.2e}"
     check_grads(ours, hf_grads, f"bias={bias}")
+
+
+def rbg_key(seed):
+    """A dropout key of the 'rbg' kind: with threefry keys XLA's CPU compiler spends ~10 s on each
+    dropout model here, and which bit generator feeds hk.dropout does not matter to these tests."""
+    return jax.random.key(seed, impl='rbg')
+
+
+def fixture_model(case='gelu_new_bias', **overrides):
+    """(config, params) of an HF-made fixture model: unit-scale weights, no torch needed."""
+    f = np.load(FIXTURE)
+    config = GPTConfig(**{**json.loads(str(f[f'{case}/config'])), **overrides})
+    sd = {k.split('/sd/', 1)[1]: f[k] for k in f.files if k.startswith(f'{case}/sd/')}
+    return config, model.from_state_dict(sd), sd
+
+
+def test_from_pretrained_local_dir_matches_hf(tmp_path):
+    """from_pretrained(<save_pretrained dir>) reads config.json + model.safetensors into the same
+    function HF computes; the activation follows the checkpoint's activation_function."""
+    import torch
+    ref = hf()
+    hf_model = ref.hf_model(**TINY, activation='gelu_new', seed=30)
+    hf_model.save_pretrained(tmp_path / 'gpt2_new')
+    assert (tmp_path / 'gpt2_new' / 'model.safetensors').exists()
+    config, params = model.from_pretrained(str(tmp_path / 'gpt2_new'))
+    assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size) == (2, 2, 32, 64, 16)
+    assert config.bias and config.activation == 'gelu_new' and config.dropout == 0.0
+    idx_BT = np.random.default_rng(1).integers(0, 64, size=(2, 16)).astype(np.int32)
+    with torch.no_grad():
+        hf_BTV = hf_model(torch.as_tensor(idx_BT, dtype=torch.long)).logits.numpy()
+    d = max_abs(full_logits(config, params, idx_BT), hf_BTV)
+    print(f"\nfrom_pretrained(save_pretrained dir): logits max|Δ| {d:.2e}")
+    assert d <= LOGITS_TOL, f"from_pretrained logits max|Δ| {d:.2e} > {LOGITS_TOL}"
+
+    ref.hf_model(**TINY, activation='gelu', seed=31).save_pretrained(tmp_path / 'gpt2_exact')
+    assert model.from_pretrained(str(tmp_path / 'gpt2_exact'))[0].activation == 'gelu'
+
+
+def test_from_pretrained_overrides_dropout_only(tmp_path):
+    ref = hf()
+    ref.hf_model(**TINY, seed=32).save_pretrained(tmp_path)
+    config, _ = model.from_pretrained(str(tmp_path), override_args=dict(dropout=0.1))
+    assert config.dropout == 0.1
+    with pytest.raises(ValueError, match='only dropout'):
+        model.from_pretrained(str(tmp_path), override_args=dict(dropout=0.1, n_layer=3))
+
+
+def test_from_pretrained_bad_path_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match='config.json'):
+        model.from_pretrained(str(tmp_path))  # an existing directory without the files
+    with pytest.raises(ValueError, match='unknown pretrained model'):
+        model.from_pretrained(str(tmp_path / 'missing'))
+
+
+def test_state_dict_round_trip_and_names():
+    """to_state_dict gives exactly HF/nanoGPT's names and (out, in) layout, lm_head tied; from_state_dict
+    inverts it, also with torch.compile's '_orig_mod.' prefix and nanoGPT's attn.bias mask buffers."""
+    config, params, sd = fixture_model()
+    back = model.to_state_dict(params)
+    assert set(back) == set(sd)  # the fixture's keys are HF's state_dict names
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+    compiled = {'_orig_mod.' + k: v for k, v in back.items()}
+    compiled['_orig_mod.transformer.h.0.attn.bias'] = np.tril(np.ones((1, 1, 16, 16), np.float32))
+    for restored in (model.from_state_dict(back), model.from_state_dict(compiled)):
+        assert jax.tree.structure(restored) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_init_std_follows_nanogpt_scheme():
+    """N(0, 0.02) for Linear/Embedding weights, N(0, 0.02/sqrt(2*n_layer)) for every c_proj weight,
+    zero biases, LayerNorm weights one: each tensor's std within 6 standard errors of the target."""
+    config = GPTConfig(vocab_size=512, block_size=64, n_layer=3, n_head=4, n_embd=128)
+    params = jax.jit(lambda rng: init_params(config, rng))(jax.random.PRNGKey(0))
+    proj_std = 0.02 / math.sqrt(2 * config.n_layer)
+    checked = {'weight std': 0, 'c_proj std': 0, 'zero bias': 0, 'ln ones': 0}
+    worst = 0.0
+    for key, a in model.to_state_dict(params).items():
+        a = np.asarray(a, np.float64)
+        if key == 'lm_head.weight':
+            continue
+        if key.endswith('.bias'):
+            assert not a.any(), key
+            checked['zero bias'] += 1
+        elif 'ln_' in key:
+            assert (a == 1).all(), key
+            checked['ln ones'] += 1
+        else:
+            target = proj_std if key.endswith('c_proj.weight') else 0.02
+            checked['c_proj std' if key.endswith('c_proj.weight') else 'weight std'] += 1
+            n = a.size
+            # standard errors of a normal sample's std and mean
+            z_std = abs(a.std() / target - 1) / (1 / math.sqrt(2 * n))
+            z_mean = abs(a.mean()) / (target / math.sqrt(n))
+            worst = max(worst, z_std, z_mean)
+            assert z_std < 6 and z_mean < 6, f"{key}: std {a.std():.5f} vs {target:.5f}, mean {a.mean():.2e}"
+    print(f"\ninit: tensors checked {checked}, worst deviation {worst:.1f} standard errors")
+    assert checked == {'weight std': 2 + 2 * config.n_layer, 'c_proj std': 2 * config.n_layer,
+                       'zero bias': 6 * config.n_layer + 1, 'ln ones': 2 * config.n_layer + 1}
+
+
+def test_get_num_params_gpt2_from_shapes():
+    """GPT-2 124M from shapes only (nothing allocated): 124,439,808 parameters in all (wte counted once,
+    it is the lm_head too); nanoGPT's default count leaves out wpe and prints 123.65M."""
+    shapes = model.param_shapes(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    assert all(isinstance(s, jax.ShapeDtypeStruct) for s in jax.tree.leaves(shapes))
+    total, non_emb = model.get_num_params(shapes, non_embedding=False), model.get_num_params(shapes)
+    print(f"\ngpt2: {total:,} parameters, number of parameters: {non_emb / 1e6:.2f}M")
+    assert total == 124_439_808
+    assert non_emb == 124_439_808 - 1024 * 768 and f"{non_emb / 1e6:.2f}M" == "123.65M"
+
+
+def test_crop_block_size():
+    """wpe keeps its first rows, and on inputs that fit, the cropped model computes the same logits."""
+    config, params, _ = fixture_model()
+    cropped, small = model.crop_block_size(params, config, 8)
+    assert small.block_size == 8 and config.block_size == 16
+    np.testing.assert_array_equal(cropped['transformer/wpe']['weight'], params['transformer/wpe']['weight'][:8])
+    assert params['transformer/wpe']['weight'].shape == (16, config.n_embd)  # the input is untouched
+    idx_BT = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 8)).astype(np.int32)
+    d = max_abs(full_logits(small, cropped, idx_BT), full_logits(config, params, idx_BT))
+    assert d == 0.0, f"cropped vs uncropped logits max|Δ| {d:.2e}"
+    with pytest.raises(ValueError, match='block size is only 8'):
+        forward_fn(small)(cropped, jnp.zeros((1, 9), jnp.int32))
+    with pytest.raises(ValueError):
+        model.crop_block_size(params, config, 32)
+
+
+def test_no_targets_gives_last_position_logits_only():
+    config, params, _ = fixture_model()
+    idx_BT = np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 16)).astype(np.int32)
+    logits_B1V, loss = forward_fn(config)(params, jnp.asarray(idx_BT))
+    assert loss is None and logits_B1V.shape == (2, 1, config.vocab_size)
+    d = max_abs(logits_B1V, full_logits(config, params, idx_BT)[:, -1:])
+    assert d <= 1e-5, f"last-position logits max|Δ| {d:.2e}"
+
+
+def test_kv_cache_decode_equals_full_forward():
+    """gpt_decode over a prompt, a chunk and then one token at a time up to block_size gives the
+    full forward's logits at each fed position."""
+    config, params, _ = fixture_model()
+    B = 2
+    idx_BT = np.random.default_rng(4).integers(0, config.vocab_size, size=(B, config.block_size)).astype(np.int32)
+    full_BTV = np.asarray(full_logits(config, params, idx_BT))
+    decode = jax.jit(gpt_decode(config).apply)
+    cache = init_cache(config, B)
+    pos, worst = 0, 0.0
+    for T in [5, 3] + [1] * (config.block_size - 8):
+        logits_BV, cache = decode(params, jnp.asarray(idx_BT[:, pos:pos + T]), cache, pos)
+        pos += T
+        worst = max(worst, max_abs(logits_BV, full_BTV[:, pos - 1]))
+    assert pos == config.block_size
+    print(f"\nKV-cache decode vs full forward: logits max|Δ| {worst:.2e}")
+    assert worst <= LOGITS_TOL, f"KV-cache decode vs full forward: max|Δ| {worst:.2e}"
+
+
+def test_dropout_only_in_training_with_explicit_key():
+    # the 1-layer fixture model: fewer dropout sites, so a cheaper compile of the training forward
+    config, params, _ = fixture_model('gelu_nobias', dropout=0.2)
+    fwd = gpt_forward(config)
+    train = jax.jit(lambda p, rng, idx: fwd.apply(p, rng, idx, idx, is_training=True)[0])
+    idx_BT = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, size=(2, 16)), jnp.int32)
+    k1, k2 = rbg_key(1), rbg_key(2)
+    a, b, c = train(params, k1, idx_BT), train(params, k1, idx_BT), train(params, k2, idx_BT)
+    np.testing.assert_array_equal(a, b)  # deterministic for a key
+    assert max_abs(a, c) > 1e-2  # another key drops other units
+    eval_logits = full_logits(config, params, idx_BT)  # is_training=False, rng None: no dropout
+    no_dropout = full_logits(GPTConfig(**{**config.__dict__, 'dropout': 0.0}), params, idx_BT)
+    np.testing.assert_array_equal(eval_logits, no_dropout)
+    assert max_abs(a, eval_logits) > 1e-2
+    with pytest.raises(ValueError):  # training with dropout needs an explicit key
+        fwd.apply(params, None, idx_BT, idx_BT, is_training=True)
+
+
+def test_training_attention_path_equals_fused():
+    """Training with dropout takes an explicit masked-softmax attention (the fused kernel has no
+    dropout); at a vanishing rate nothing is dropped and it must compute what the fused path does."""
+    config, params, _ = fixture_model(dropout=1e-7)
+    fwd = gpt_forward(config)
+    idx_BT = jnp.asarray(np.random.default_rng(6).integers(0, config.vocab_size, size=(2, 16)), jnp.int32)
+    train = jax.jit(lambda p, rng, idx: fwd.apply(p, rng, idx, idx, is_training=True)[0])(
+        params, rbg_key(0), idx_BT)
+    d = max_abs(train, full_logits(config, params, idx_BT))
+    print(f"\nexplicit (training) vs fused attention: logits max|Δ| {d:.2e}")
+    assert d <= LOGITS_TOL, f"training attention path max|Δ| {d:.2e}"
+
+
+def test_import_model_does_not_import_torch():
+    code = "import sys, model; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '[]', f"import model pulled in {out.stdout.strip()}"
+
+
+def test_configure_optimizers_counts_as_nanogpt(capsys):
+    """nanoGPT's printed counts for GPT-2 124M at vocab 50304 (decay = every >=2-D tensor), from shapes."""
+    shapes = model.param_shapes(GPTConfig())
+    model.configure_optimizers(shapes, weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type='cpu')
+    out = capsys.readouterr().out
+    assert "num decayed parameter tensors: 50, with 124,354,560 parameters" in out, out
+    assert "num non-decayed parameter tensors: 98, with 121,344 parameters" in out, out
+    shapes = model.param_shapes(GPTConfig(bias=False, n_layer=2, n_embd=64, n_head=2, vocab_size=100, block_size=8))
+    model.configure_optimizers(shapes, 0.1, 6e-4, (0.9, 0.95))
+    out = capsys.readouterr().out
+    # no biases: only the 2*n_layer+1 LayerNorm weights are left undecayed
+    assert "num non-decayed parameter tensors: 5, with 320 parameters" in out, out
+    assert f"num decayed parameter tensors: 10, with {100 * 64 + 8 * 64 + 2 * 12 * 64 * 64:,} parameters" in out, out
+
+
+def test_configure_optimizers_matches_torch_adamw():
+    """A few steps of our optax AdamW (changing learning rate, weight decay on >=2-D tensors only,
+    global-norm clipping) against torch.optim.AdamW with nanoGPT's two param groups."""
+    torch = pytest.importorskip('torch')
+    import optax
+    _, params, _ = fixture_model()
+    wd, betas, clip = 0.1, (0.9, 0.95), 1.0
+    tx = model.configure_optimizers(params, wd, 1e-2, betas, grad_clip=clip)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    leaves, treedef = jax.tree.flatten(params)
+    tparams = [torch.nn.Parameter(torch.tensor(np.asarray(p))) for p in leaves]
+    topt = torch.optim.AdamW([{'params': [p for p in tparams if p.dim() >= 2], 'weight_decay': wd},
+                              {'params': [p for p in tparams if p.dim() < 2], 'weight_decay': 0.0}],
+                             lr=1e-2, betas=betas, eps=1e-8)
+    rng = np.random.default_rng(7)
+    for step, (lr, scale) in enumerate([(1e-2, 0.01), (5e-3, 10.0), (2e-3, 0.1)]):  # step 2 is clipped
+        grads = [(scale * rng.standard_normal(p.shape)).astype(np.float32) for p in leaves]
+        state.hyperparams['learning_rate'] = lr
+        updates, state = update(jax.tree.unflatten(treedef, [jnp.asarray(g) for g in grads]), state, params)
+        params = optax.apply_updates(params, updates)
+        for p, g in zip(tparams, grads):
+            p.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_(tparams, clip)
+        for group in topt.param_groups:
+            group['lr'] = lr
+        topt.step()
+    errs = [rel_err(a, b.detach().numpy()) for a, b in zip(jax.tree.leaves(params), tparams)]
+    print(f"\nAdamW vs torch.optim.AdamW after 3 steps: max relative error {max(errs):.2e}")
+    assert max(errs) <= 1e-5, f"AdamW params differ from torch's: {max(errs):.2e}"
+
+
+def test_estimate_mfu_is_nanogpts_formula():
+    """PaLM appendix B as nanoGPT: 6N + 12*L*H*Q*T flops per token, T tokens per fwd/bwd, over A100 peak."""
+    config = GPTConfig()
+    N = model.get_num_params(model.param_shapes(config))
+    flops_per_iter = (6 * N + 12 * 12 * 12 * 64 * 1024) * 1024 * 40
+    assert model.estimate_mfu(config, N, fwdbwd_per_iter=40, dt=2.5) == pytest.approx(flops_per_iter / 2.5 / 312e12)
+    assert model.estimate_mfu(config, N, 40, 2.5, peak_flops=989e12) == pytest.approx(flops_per_iter / 2.5 / 989e12)
