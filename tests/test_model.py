@@ -114,8 +114,8 @@ def test_matches_hf_fixture(case):
 @pytest.mark.parametrize('bias', [True, False])
 def test_logits_match_hf(activation, bias):
     """fp32 logits max|Δ| <= 1e-4 at T=1, a middle T and T=block_size, for each activation and bias."""
-    import torch
     ref = hf()
+    import torch
     config = GPTConfig(**TINY, activation=activation, bias=bias)
     hf_model = ref.hf_model(**TINY, activation=activation, bias=bias, seed=10 + 2 * bias + (activation == 'gelu'))
     params = model.from_state_dict(ref.nanogpt_state_dict(hf_model, bias))
@@ -179,8 +179,8 @@ def fixture_model(case='gelu_new_bias', **overrides):
 def test_from_pretrained_local_dir_matches_hf(tmp_path):
     """from_pretrained(<save_pretrained dir>) reads config.json + model.safetensors into the same
     function HF computes; the activation follows the checkpoint's activation_function."""
-    import torch
     ref = hf()
+    import torch
     hf_model = ref.hf_model(**TINY, activation='gelu_new', seed=30)
     hf_model.save_pretrained(tmp_path / 'gpt2_new')
     assert (tmp_path / 'gpt2_new' / 'model.safetensors').exists()
