@@ -8,7 +8,9 @@ $ python train.py --batch_size=32
 To run across 2 machines with 8 GPUs each: the same command on both, told where process 0 is:
 $ JAX_COORDINATOR_ADDRESS=123.456.123.456:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python train.py
 $ JAX_COORDINATOR_ADDRESS=123.456.123.456:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python train.py
-(or --coordinator_address=... --num_processes=2 --process_id=N)
+(or --coordinator_address=... --num_processes=2 --process_id=N). Where JAX knows the cluster (Cloud TPU
+pods, SLURM, Open MPI, Kubernetes), every host runs: $ python train.py --coordinator_address=auto
+Every host needs data/<dataset>/; out_dir must be shared, since every process reads the checkpoint to resume.
 
 Data come from data/<dataset>/ relative to the working directory (an absolute --dataset path
 works too). The compiled step itself lives in training.py.
