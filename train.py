@@ -32,6 +32,7 @@ del CPU_XLA_FLAGS
 import time
 import math
 import tempfile
+import zlib
 
 import numpy as np
 import jax
@@ -137,6 +138,15 @@ if num_processes > 1 or auto_cluster:
         else:
             default(kind, value, tb)
     sys.excepthook = excepthook
+    # every process must run the same command: another model or batch would compile another program and
+    # the collectives would pair up wrongly (a hang, or silently wrong gradients), so compare them now
+    from jax.experimental import multihost_utils
+    may_differ = ('out_dir', 'dataset', 'coordinator_address', 'process_id', 'wandb_log', 'wandb_project', 'wandb_run_name')
+    keys = sorted(k for k in config if k not in may_differ)
+    fingerprint = np.array([zlib.crc32(repr(config[k]).encode()) for k in keys], np.uint32)
+    differ = [k for k, col in zip(keys, multihost_utils.process_allgather(fingerprint).T) if len(set(col.tolist())) > 1]
+    if differ:
+        die(f"the processes were started with different settings ({', '.join(differ)}): run the same command on every host")
 
 # devices: `device` names the platform, optionally one device of it ('cuda:1')
 platform_name, _, device_index = device.partition(':')

@@ -153,14 +153,22 @@ BAD_SETTINGS = [
 
 
 def test_bad_multi_process_settings_give_one_line(data_dir, compile_cache, tmp_path):
+    """Each a one-line error before anything is compiled; all launched together. The last case is
+    2 processes started with different batch sizes: both refuse, naming the setting."""
+    cases = [(args, env) for args, env, _ in BAD_SETTINGS]
+    coordinator = f'localhost:{free_port()}'
+    for i in range(2):
+        args, env = multi(coordinator, 2, i, flags=False)
+        cases.append((args + [f'--batch_size={4 + i}'], env))
+    expected = [e for _, _, e in BAD_SETTINGS] + ['started with different settings (batch_size)'] * 2
     jobs = [(TINY + [f'--dataset={data_dir}', f'--out_dir={tmp_path / f"out{i}"}'] + args, child_env(compile_cache, **env))
-            for i, (args, env, _) in enumerate(BAD_SETTINGS)]
-    results = launch(jobs, str(tmp_path), 'bad settings')  # together: each stops before compiling anything
-    for i, ((rc, out), (args, env, expected)) in enumerate(zip(results, BAD_SETTINGS)):
+            for i, (args, env) in enumerate(cases)]
+    results = launch(jobs, str(tmp_path), 'bad settings')
+    for i, ((rc, out), (args, env), exp) in enumerate(zip(results, cases, expected)):
         lines = [l for l in out.splitlines() if l.startswith('error:')]
         assert rc != 0 and 'Traceback' not in out and len(lines) == 1, f"{args} {env}:\n{out[-2000:]}"
-        assert expected in lines[0], f"{args} {env}: {lines[0]}"
-        assert not os.path.exists(tmp_path / f'out{i}' / CKPT_NAME)
+        assert exp in lines[0], f"{args} {env}: {lines[0]}"
+        assert 'compiling' not in out and not os.path.exists(tmp_path / f'out{i}' / CKPT_NAME)
 
 
 def test_two_processes_match_one_process_and_resume(data_dir, compile_cache, tmp_path):
