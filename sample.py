@@ -117,7 +117,9 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
             idx_BN, _ = jax.lax.fori_loop(1, n_cached, cached_step, (idx_BN, cache))
         else:
             idx_BN = window_step(0, idx_BN)
-        return jax.lax.fori_loop(max(n_cached, 1), max_new_tokens, window_step, idx_BN)
+        if max(n_cached, 1) < max_new_tokens:  # traced only when the run outgrows block_size
+            idx_BN = jax.lax.fori_loop(max(n_cached, 1), max_new_tokens, window_step, idx_BN)
+        return idx_BN
 
     return generate
 

@@ -52,9 +52,9 @@ def full_recompute_greedy(params, config, idx_BT, max_new_tokens):
     return idx
 
 
-# (prompt length, new tokens) with block_size 8: in the cache, then past block_size; a prompt of
-# exactly block_size; a prompt longer than block_size
-@pytest.mark.parametrize('T,new', [(3, 20), (8, 4), (11, 5)])
+# (prompt length, new tokens) with block_size 8: all in the cache; in the cache, then past
+# block_size; a prompt of exactly block_size; a prompt longer than block_size
+@pytest.mark.parametrize('T,new', [(2, 4), (3, 20), (8, 4), (11, 5)])
 def test_greedy_kv_cache_matches_full_recompute(T, new):
     params = tiny_params()
     idx_BT = jax.random.randint(jax.random.PRNGKey(T), (2, T), 0, TINY.vocab_size, dtype=jnp.int32)
