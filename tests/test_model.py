@@ -194,6 +194,23 @@ def test_from_pretrained_local_dir_matches_hf(tmp_path):
     print(f"\nfrom_pretrained(save_pretrained dir): logits max|Δ| {d:.2e}")
     assert d <= LOGITS_TOL, f"from_pretrained logits max|Δ| {d:.2e} > {LOGITS_TOL}"
 
+
+    # the hub's own gpt2 files name tensors without 'transformer.' and keep the causal-mask buffers
+    from safetensors.numpy import load_file, save_file
+    hub = tmp_path / 'hub_layout'
+    hub.mkdir()
+    (hub / 'config.json').write_text((tmp_path / 'gpt2_new' / 'config.json').read_text())
+    tensors = {k.removeprefix('transformer.'): v
+               for k, v in load_file(tmp_path / 'gpt2_new' / 'model.safetensors').items()}
+    for i in range(config.n_layer):
+        tensors[f'h.{i}.attn.bias'] = np.tril(np.ones((1, 1, 16, 16), np.float32))
+        tensors[f'h.{i}.attn.masked_bias'] = np.array(-1e4, np.float32)
+    save_file(tensors, hub / 'model.safetensors')
+    hub_params = model.from_pretrained(str(hub))[1]
+    assert jax.tree.structure(hub_params) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(hub_params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
     ref.hf_model(**TINY, activation='gelu', seed=31).save_pretrained(tmp_path / 'gpt2_exact')
     assert model.from_pretrained(str(tmp_path / 'gpt2_exact'))[0].activation == 'gelu'
 
@@ -218,6 +235,8 @@ def test_state_dict_round_trip_and_names():
     """to_state_dict gives exactly HF/nanoGPT's names and (out, in) layout, lm_head tied; from_state_dict
     inverts it, also with torch.compile's '_orig_mod.' prefix and nanoGPT's attn.bias mask buffers."""
     config, params, sd = fixture_model()
+    # the loaded tree is exactly the model's own: one wte (no separate lm_head), same paths and shapes
+    assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, model.param_shapes(config))
     back = model.to_state_dict(params)
     assert set(back) == set(sd)  # the fixture's keys are HF's state_dict names
     for k in sd:
