@@ -65,6 +65,16 @@ def _remove_stale_temps(folder):
             os.close(fd)
 
 
+def _file_mode(path):
+    """The mode the replaced file had, else what open() would give a new file under the umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def save_checkpoint(path, arrays, meta):
     """Atomically write arrays (name -> numpy-convertible) and meta (JSON-serialisable) to path."""
     from safetensors.numpy import save
@@ -75,6 +85,7 @@ def save_checkpoint(path, arrays, meta):
     _remove_stale_temps(folder)  # before writing: their space may be what the new file needs
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.safetensors', dir=folder)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp's 0600 would hide the checkpoint from the user's group
         with os.fdopen(fd, 'wb') as f:
             if fcntl is not None:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # held until the rename, or until this process dies

@@ -564,3 +564,19 @@ def test_out_dir_not_writable_at_start_fails_before_compiling(tmp_path, dataset,
     proc = run(train_cmd(dataset, str(blocker / 'out')), env, cwd=str(tmp_path))
     assert_clear_error(proc, 'out_dir', str(blocker / 'out'), 'not writable')
     assert 'compiling' not in proc.stdout
+
+
+def test_checkpoint_file_mode_is_what_open_would_give(tmp_path):
+    """The temp file is created 0600; the checkpoint must not stay that way (a group sharing runs
+    could not read it), and a mode the user set on it survives the next save."""
+    path = str(tmp_path / CKPT_NAME)
+    umask = os.umask(0o022)
+    try:
+        checkpoint.save_checkpoint(path, {'w': np.ones(3, np.float32)}, {'iter_num': 1})
+        assert os.stat(path).st_mode & 0o777 == 0o644
+        os.chmod(path, 0o640)
+        checkpoint.save_checkpoint(path, {'w': np.zeros(3, np.float32)}, {'iter_num': 2})
+        assert os.stat(path).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+    assert load_checkpoint(path)[1] == {'iter_num': 2}
