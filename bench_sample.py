@@ -114,13 +114,14 @@ same = bool((np.asarray(kv_out) == re_out).all())
 def row(name, n, kv_t, re_t):
     if n == 0:
         return
-    print(f"{name:<34} {kv_t * 1e3 / n:9.3f} ms/token {n / kv_t:9.1f} tok/s | {re_t * 1e3 / n:9.3f} ms/token "
+    print(f"{name:<36} {kv_t * 1e3 / n:9.3f} ms/token {n / kv_t:9.1f} tok/s | {re_t * 1e3 / n:9.3f} ms/token "
           f"{n / re_t:9.1f} tok/s | {re_t / kv_t:6.1f}x")
 
 
-print(f"{'':<34} {'kv cache':^30} | {'full recompute':^30} | speedup")
+print(f"{'':<36} {'kv cache':^34} | {'full recompute':^34} | speedup")
 row(f"new tokens 1-{n_fit} (fit in context)", n_fit, kv_fit_time, re_fit_time)
 row(f"new tokens {n_fit + 1}-{max_new_tokens} (cropped window)", max_new_tokens - n_fit,
     max(kv_time - kv_fit_time, 1e-9), max(re_time - re_fit_time, 1e-9))
-row(f"all {max_new_tokens} new tokens", max_new_tokens, kv_time, re_time)
+if 0 < n_fit < max_new_tokens:
+    row(f"all {max_new_tokens} new tokens", max_new_tokens, kv_time, re_time)
 print(f"same tokens: {same}")
