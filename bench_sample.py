@@ -3,7 +3,8 @@ How much the KV cache buys: sample.py's compiled decoder against nanoGPT's way o
 which re-runs the model over the whole (cropped) context for every new token.
 
 $ python bench_sample.py                       # shakespeare-char model size, 500 new tokens
-$ python bench_sample.py --block_size=1024     # same model with a context that holds all 500
+$ python bench_sample.py --block_size=512      # same model with a context that holds all 500
+$ JAX_PLATFORMS=cpu taskset -c 0,1 python bench_sample.py   # the CPU, 2 cores
 
 Random weights: speed does not depend on them. Greedy decoding, so both must give the same
 tokens, which is checked. The recompute baseline is nanoGPT's generate loop with each step a
@@ -47,9 +48,11 @@ idx_BT = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, prompt_len), 0, vo
 key = jax.random.PRNGKey(0)
 # new tokens drawn from a context of at most block_size tokens, i.e. with the cache
 n_fit = max(0, min(max_new_tokens, block_size - prompt_len + 1))
+# the cores this process may use (taskset -c 0,1 limits it to 2), not all the machine has
+n_cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 print(f"model: n_layer={n_layer} n_head={n_head} n_embd={n_embd} block_size={block_size} vocab_size={vocab_size}; "
       f"prompt {prompt_len} token(s), {max_new_tokens} new tokens, {jax.devices()[0]} "
-      f"({os.cpu_count()} CPU cores), jax {jax.__version__}")
+      f"({n_cores} CPU cores), jax {jax.__version__}")
 
 
 def best_of(fn):
