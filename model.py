@@ -105,6 +105,19 @@ def _dropout(x, rate, is_training):
     return x
 
 
+def causal_attention(q_BTHD, k_BTHD, v_BTHD):
+    """Causal softmax attention, scaled by 1/sqrt(D). On a GPU in half precision, cuDNN's fused
+    (flash) kernel: XLA's default writes out the (T, T) scores, and made the whole GPT-2 124M
+    training step 1.7x slower on an H100 (BENCHMARKS.md). Elsewhere, or where cuDNN refuses the
+    shapes or is missing, XLA's implementation."""
+    if q_BTHD.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == 'gpu':
+        try:
+            return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True, implementation='cudnn')
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True)
+
+
 class CausalSelfAttention(hk.Module):
 
     def __init__(self, config, name=None):
@@ -140,7 +153,7 @@ class CausalSelfAttention(hk.Module):
             y_BTHD = jnp.einsum('bhts,bshd->bthd', att_BHTT, v_BTHD)
             new_kv = None
         else:
-            y_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True)
+            y_BTHD = causal_attention(q_BTHD, k_BTHD, v_BTHD)
             new_kv = None
 
         y_BTC = y_BTHD.reshape(B, T, C)
