@@ -32,9 +32,10 @@ def _config_nearest(key, names):
     return f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
 
 
-# the names a command line may set: the script's plain-valued globals
+# the names a command line may set: the script's plain-valued globals, except UPPER_CASE
+# constants (e.g. an imported CKPT_NAME), which are not settings
 _config_names = [k for k, v in globals().items()
-                 if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+                 if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str))]
 
 for _arg in sys.argv[1:]:
     if '=' not in _arg:

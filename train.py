@@ -91,7 +91,7 @@ dtype = 'auto' # 'float32', 'bfloat16', or 'float16' (dynamic loss scaling); 'au
 compile = True # kept for nanoGPT's command lines: JAX always compiles the step with XLA (see README)
 seed = 1337 # model init, batches and dropout are pure functions of the seed and the iteration
 # -----------------------------------------------------------------------------
-config_keys = [k for k,v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k,v in globals().items() if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str))] # UPPER_CASE: constants
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read()) # overrides from command line or config file
 config = {k: globals()[k] for k in config_keys} # will be useful for logging
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ bias = False
 compile = True
 dataset = 'openwebtext'
 _private = 1
+CKPT_NAME = 'ckpt.safetensors'  # a constant, as train.py imports one
 exec(open({configurator!r}).read())
 print('RESULT ' + json.dumps({{k: [type(v).__name__, v] for k, v in globals().items()
                                if k in ('out_dir', 'batch_size', 'learning_rate', 'bias', 'compile', 'dataset')}}))
@@ -101,6 +102,7 @@ def test_unknown_key_suggests_the_nearest_names(script):
     # private names and modules are not config keys
     one_line_error(configure(script, '--_private=2'), 'unknown config key')
     one_line_error(configure(script, '--json=2'), 'unknown config key')
+    one_line_error(configure(script, '--CKPT_NAME=x'), 'unknown config key')  # UPPER_CASE: a constant
     # nothing close: no suggestion, still one line
     assert 'did you mean' not in one_line_error(configure(script, '--zzzzzz=1'), 'unknown config key: zzzzzz')
 
