@@ -1,0 +1,63 @@
+"""bench.py smoke tests: it runs on a tiny config and prints its report lines. No timing
+assertions: speed is shown by bench.py's side-by-side ratios (BENCHMARKS.md), not by tests."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--vocab_size=64', '--block_size=32', '--batch_size=4',
+        '--device=cpu', '--burnin=1', '--num_steps=2']
+
+
+def bench(tmp_path, *args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), *TINY, *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_reports_and_compares_with_torch(tmp_path):
+    pytest.importorskip('torch')
+    pytest.importorskip('transformers')
+    # real_data reads data/<dataset>/train.bin from the working directory, as train.py does
+    d = tmp_path / 'data' / 'tiny'
+    d.mkdir(parents=True)
+    np.random.default_rng(0).integers(0, 64, 5000).astype(np.uint16).tofile(d / 'train.bin')
+    trace = tmp_path / 'trace'
+    r = bench(tmp_path, '--dataset=tiny', '--compare=torch', '--compile=False', '--profile=True', f'--profile_dir={trace}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert 'using random tokens' not in out
+    assert re.search(r'peak: [\d,.]+ GFLOP/s \(2048x2048 fp32 matmul measured now', out)
+    for name in ('jax', r'torch \(eager\)'):
+        m = re.search(name + r': compile ([\d.]+)s \| median ([\d.]+) ms/iter .*\| ([\d,]+) tokens/s \| MFU ([\d.]+)%', out)
+        assert m, f"no report line for {name}:\n{out}"
+        assert float(m.group(2)) > 0 and int(m.group(3).replace(',', '')) > 0
+    m = re.search(r'jax/torch: ([\d.]+)x', out)
+    assert m and float(m.group(1)) > 0
+    assert re.search(r'peak memory: [\d,.]+ MiB', out)
+    # the timed steps ran and trained: finite losses near ln(64) = 4.16 at the start
+    losses = [float(x) for x in re.findall(r'jax \d+/\d+ loss: ([\d.]+)', out)]
+    assert losses and all(0 < l < 10 for l in losses)
+    assert any(trace.rglob('*.xplane.pb')), "profile=True wrote no jax.profiler trace"
+
+
+def test_bench_random_tokens_and_given_peak(tmp_path):
+    # no data/openwebtext here: random tokens, and it says so; a given peak is not measured
+    r = bench(tmp_path, '--peak_flops=1e12', '--num_steps=1')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'using random tokens' in r.stdout
+    assert 'peak: 1,000.0 GFLOP/s (given by --peak_flops)' in r.stdout
+    assert re.search(r'jax: compile [\d.]+s \| median [\d.]+ ms/iter', r.stdout)
+    assert 'jax/torch' not in r.stdout
+
+
+def test_bench_bad_input_one_line(tmp_path):
+    r = bench(tmp_path, '--compare=tensorflow', timeout=60)
+    message = "compare='tensorflow'"
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert 'Traceback' not in r.stderr
