@@ -32,6 +32,7 @@ del CPU_XLA_FLAGS
 import time
 import math
 import tempfile
+import threading
 import zlib
 
 import numpy as np
@@ -98,8 +99,10 @@ config = {k: globals()[k] for k in config_keys} # will be useful for logging
 
 def die(msg):
     """Known bad input or state: one clear line on stderr, non-zero exit, nothing half-done."""
-    print(f"error: {msg}", file=sys.stderr)
+    if _dying.acquire(blocking=False): # one line, even when the prefetch thread fails at the same moment
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
+_dying = threading.Lock()
 
 # multi-process: must connect before anything asks JAX for devices
 coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
@@ -206,10 +209,10 @@ num_tokens = {}
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
-        die(f"{path} not found: run python data/{dataset}/prepare.py first")
+        die(f"{path} not found: run python {os.path.join(data_dir, 'prepare.py')} first")
     num_tokens[split], odd = divmod(os.path.getsize(path), 2)
     if odd: # a torn copy or an interrupted prepare.py; np.memmap would refuse it with a traceback
-        die(f"{path} has an odd number of bytes, so it is not whole uint16 tokens: run python data/{dataset}/prepare.py again")
+        die(f"{path} has an odd number of bytes, so it is not whole uint16 tokens: run python {os.path.join(data_dir, 'prepare.py')} again")
     if num_tokens[split] <= block_size:
         die(f"{path} holds {num_tokens[split]} tokens, too few for block_size={block_size} "
             f"(needs at least {block_size + 1}): lower --block_size or prepare more data")
@@ -218,12 +221,21 @@ def load_split(split):
     # a new memmap every batch avoids a memory leak, as nanoGPT does
     return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
 
+def check_tokens(split, x, y):
+    # jnp indexing past the vocabulary gives NaN, which would read as divergence, not as bad data
+    top = max(int(x.max()), int(y.max()))
+    if top >= gptconf.vocab_size:
+        die(f"{os.path.join(data_dir, f'{split}.bin')} holds token id {top} but the model's vocabulary has "
+            f"{gptconf.vocab_size} tokens: the data and its meta.json (or the checkpoint) come from different "
+            f"prepare.py runs; run python {os.path.join(data_dir, 'prepare.py')} again")
+
 def make_train_batch(it):
     """This process's share of iteration it: (local devices, micro_steps, batch_size, block_size).
     Micro-batch g of the iteration goes to device g // micro_steps, wherever that device lives."""
     starts = training.batch_indices(seed, 'train', it, num_tokens['train'], block_size, (gradient_accumulation_steps, batch_size))
     mine = starts.reshape(world, micro_steps, batch_size)[local_positions]
     x, y = training.get_batch(load_split('train'), mine, block_size)
+    check_tokens('train', x, y)
     micro = (np.asarray(local_positions)[:, None] * micro_steps + np.arange(micro_steps)).astype(np.int32)
     return training.Batch(x, y, micro)
 
@@ -234,6 +246,7 @@ def make_eval_batch(split, it):
     starts = training.batch_indices(seed, purpose, it, num_tokens[split], block_size, (world * eval_per_device, batch_size))
     rows = np.asarray(local_positions)[:, None] * eval_per_device + np.arange(eval_per_device)
     x, y = training.get_batch(load_split(split), starts[rows], block_size)
+    check_tokens(split, x, y)
     return x, y, rows < eval_iters
 
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)

@@ -152,6 +152,7 @@ def assert_clear_error(proc, *needles, prefix='error:'):
     assert proc.returncode == 1, f"exit status {proc.returncode}\n{out[-3000:]}"
     assert 'Traceback' not in out, out[-3000:]
     assert last.startswith(prefix), f"last stderr line {last!r}\n{out[-3000:]}"
+    assert sum(line.startswith(prefix) for line in lines) == 1, proc.stderr[-3000:]
     for needle in needles:
         assert needle in last, f"{needle!r} not in {last!r}"
     return last
@@ -467,6 +468,9 @@ def broken_datasets(tmp_path, dataset, reference):
         'short_val': (lambda f: ids[:20].tofile(f / 'val.bin'), [], ['val.bin holds 20 tokens', 'block_size=32']),
         'torn_train': (lambda f: (f / 'train.bin').write_bytes((f / 'train.bin').read_bytes()[:-1]), [],
                        ['train.bin has an odd number of bytes']),
+        # another prepare.py's data: found by the prefetch thread and the first eval at once
+        'tokens_outside_vocab': (lambda f: (ids + vocab).tofile(f / 'train.bin'), [],
+                                 ['train.bin holds token id', f'has {vocab} tokens']),
         'unreadable_meta': (lambda f: (f / 'meta.json').write_text('{"vocab_size": 5'), [], ['meta.json is unreadable']),
         'other_vocab_on_resume': (
             lambda f: (f / 'meta.json').write_text(json.dumps({'vocab_size': vocab + 7})), resume,
