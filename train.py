@@ -179,7 +179,11 @@ if dtype not in training.DTYPES:
     die(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 config['dtype'] = dtype
 if not compile:
-    print("compile=False: JAX runs the training step through XLA either way (there is no eager fast path); "
+    # nanoGPT's CPU quick start passes --compile=False (torch.compile does not pay off there). Un-jitted, our
+    # step would be ~5x slower on that very command (measured: op-by-op dispatch of every primitive) and pmap
+    # barely runs at all, so the flag is accepted and the step stays compiled. To step through the training
+    # step in Python, call training.make_train_step(gptconf, optimizer, axis_name=None) under jax.disable_jit().
+    print("compile=False: JAX runs the training step through XLA either way (un-jitted it would be ~5x slower); "
           "the flag is accepted for nanoGPT's command lines")
 
 # like DDP, gradient accumulation is split across the devices and batch_size is per device
