@@ -11,8 +11,8 @@ $ python sample.py --init_from=path/to/dir --start=FILE:prompt.txt --temperature
 matter then). Each sample k uses the key fold_in(PRNGKey(seed), k), so a run is reproducible.
 
 Decoding uses a KV cache: the prompt goes through the model once (prefill), then each new token
-is one single-position step, all of it inside one compiled lax.fori_loop. Tokens are the ones
-nanoGPT's generate would pick, including past block_size (see make_generate).
+is one single-position step, all of it inside one compiled function (lax.fori_loop). Tokens
+are the ones nanoGPT's generate would pick, including past block_size (see make_generate).
 """
 import os
 import sys
@@ -69,8 +69,9 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
     every further step feeds only the newest token. Past block_size nanoGPT crops the context to
     the last block_size tokens, which then sit at positions 0..block_size-1: every position
     shifts by one each step, so cached keys and values are stale. From there on each step
-    recomputes the cropped window, still inside the same compiled loop, which gives the same
-    tokens as nanoGPT's full recompute."""
+    recomputes the cropped window (a second loop in the same compiled function), which gives
+    the same tokens as nanoGPT's full recompute. That part costs what recompute costs: the
+    cache speeds up only the tokens drawn while the sequence fits in block_size."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0.0:
