@@ -493,15 +493,27 @@ def test_dataset_problems_are_clear_errors(tmp_path, env, broken_datasets, refer
     assert open(ckpt_of(reference[0]), 'rb').read() == before
 
 
-def test_sample_bad_input_as_a_new_user(tmp_path, env, reference):
+def test_sample_bad_input_as_a_new_user(tmp_path, dataset, env, reference):
     fresh = tmp_path / 'fresh'  # a new user's empty working directory
     fresh.mkdir()
     out = f'--out_dir={reference[0]}'
+    # a checkpoint whose dataset was prepared again with another vocabulary since
+    other = tmp_path / 'other_data'
+    shutil.copytree(dataset, other)
+    meta = json.load(open(other / 'meta.json'))
+    vocab = meta['vocab_size']
+    meta['vocab_size'] += 7
+    (other / 'meta.json').write_text(json.dumps(meta))
+    arrays, ckpt_meta = load_checkpoint(ckpt_of(reference[0]))
+    ckpt_meta['config']['dataset'] = str(other)
+    (tmp_path / 'other_out').mkdir()
+    checkpoint.save_checkpoint(ckpt_of(tmp_path / 'other_out'), arrays, ckpt_meta)
     cases = [
         ([], [os.path.join('out', CKPT_NAME), 'train one first']),
         ([out, '--start=Ωmega'], ["'Ω'", 'vocabulary']),
         ([out, '--start=FILE:prompt.txt'], ["'prompt.txt'", 'No such file']),
         ([out, '--max_new_tokens=0'], ['max_new_tokens must be at least 1']),
+        ([f"--out_dir={tmp_path / 'other_out'}"], [str(other), f'has {vocab + 7} tokens', f'has {vocab}']),
     ]
     procs = run_side_by_side([sample_cmd(*args) for args, _ in cases], env, str(fresh))
     for proc, (args, needles) in zip(procs, cases):
