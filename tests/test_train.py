@@ -539,3 +539,31 @@ def test_compile_false_is_accepted_and_trains(tmp_path, dataset, env, uninterrup
     iters, _ = logged(proc.stdout)
     full_iters, _ = logged(uninterrupted[1])
     assert iters == {i: full_iters[i] for i in range(3)}
+
+
+def test_init_from_local_gpt2_directory_crops_and_overrides_dropout(tmp_path, dataset, env):
+    """init_from=<save_pretrained directory>: GPT-2 weights (Conv1D transposed), block_size cropped
+    by model surgery, dropout from the command line, as nanoGPT's init_from='gpt2*'. With a zero
+    learning rate the saved parameters are the loaded ones."""
+    torch = pytest.importorskip('torch')
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB,
+                                        activation_function='gelu_new')
+    hf_dir = tmp_path / 'tiny-gpt2'
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(hf_dir)
+    hf = {k: v.detach().numpy() for k, v in transformers.GPT2LMHeadModel.from_pretrained(hf_dir).state_dict().items()}
+
+    out = tmp_path / 'out'
+    proc = train(dataset, str(out), f'--init_from={hf_dir}', '--block_size=16', '--dropout=0.05',
+                 '--learning_rate=0', '--min_lr=0', '--max_iters=2', '--eval_interval=2', env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    arrays, meta = load_checkpoint(str(out / CKPT_NAME))
+    assert meta['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB,
+                                      dropout=0.05, activation='gelu_new')
+    np.testing.assert_array_equal(arrays['model.transformer.wpe.weight'], hf['transformer.wpe.weight'][:16])
+    np.testing.assert_array_equal(arrays['model.transformer.wte.weight'], hf['transformer.wte.weight'])
+    for name in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'):  # Conv1D (in, out) -> Linear (out, in)
+        np.testing.assert_array_equal(arrays[f'model.transformer.h.1.{name}.weight'],
+                                      hf[f'transformer.h.1.{name}.weight'].T)
+    np.testing.assert_array_equal(arrays['model.transformer.h.0.ln_1.bias'], hf['transformer.h.0.ln_1.bias'])
