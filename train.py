@@ -101,8 +101,21 @@ def die(msg):
     """Known bad input or state: one clear line on stderr, non-zero exit, nothing half-done."""
     if _dying.acquire(blocking=False): # one line, even when the prefetch thread fails at the same moment
         print(f"error: {msg}", file=sys.stderr)
+    if jax.distributed.is_initialized():
+        exit_alone(1)
     sys.exit(1)
 _dying = threading.Lock()
+
+def exit_alone(code):
+    """Leaves a multi-process run without jax.distributed's exit handler, which waits up to 5 minutes for
+    every process to reach it: a process that stops alone makes the others' next collective fail at once
+    instead. Process 0 hosts the coordinator, so it leaves last, after a moment in which the others can
+    report the same error themselves."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if jax.process_index() == 0:
+        time.sleep(2)
+    os._exit(code)
 
 # multi-process: must connect before anything asks JAX for devices
 coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
@@ -140,6 +153,7 @@ if num_processes > 1 or auto_cluster:
                   f"if another process stopped first, its output says why", file=sys.stderr)
         else:
             default(kind, value, tb)
+        exit_alone(1)
     sys.excepthook = excepthook
     # every process must run the same command: another model or batch would compile another program and
     # the collectives would pair up wrongly (a hang, or silently wrong gradients), so compare them now
