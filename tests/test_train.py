@@ -371,6 +371,33 @@ def test_batches_are_pure_functions_of_seed_and_iteration():
         np.testing.assert_array_equal(y[row], mm_data[s + 1:s + 1 + T])
 
 
+def test_prefetcher_hands_out_iterations_in_order_and_raises_their_errors():
+    devices = jax.devices()[:1]
+
+    def make(i):
+        if i == 5:
+            raise ValueError('bad batch 5')
+        return training.Batch(np.full((1, 2, 3), i, np.int32), np.full((1, 2, 3), -i, np.int32), np.zeros((1, 1), np.int32))
+
+    prefetch = training.Prefetcher(make, devices, start=3)
+    try:
+        for i in (3, 4):
+            batch = prefetch.get(i)
+            assert isinstance(batch.x, jax.Array) and batch.x.devices() == set(devices)  # already on the device
+            np.testing.assert_array_equal(np.asarray(batch.x), i)
+            np.testing.assert_array_equal(np.asarray(batch.y), -i)
+        with pytest.raises(ValueError, match='bad batch 5'):  # the thread's error, raised where it is used
+            prefetch.get(5)
+    finally:
+        prefetch.close()
+    prefetch = training.Prefetcher(make, devices, start=0)
+    try:
+        with pytest.raises(ValueError, match='expected 0'):
+            prefetch.get(1)
+    finally:
+        prefetch.close()
+
+
 # -----------------------------------------------------------------------------
 # train.py as a subprocess
 
@@ -567,3 +594,13 @@ def test_init_from_local_gpt2_directory_crops_and_overrides_dropout(tmp_path, da
         np.testing.assert_array_equal(arrays[f'model.transformer.h.1.{name}.weight'],
                                       hf[f'transformer.h.1.{name}.weight'].T)
     np.testing.assert_array_equal(arrays['model.transformer.h.0.ln_1.bias'], hf['transformer.h.0.ln_1.bias'])
+
+
+def test_accumulation_steps_must_divide_over_the_devices(tmp_path, dataset, env):
+    """As with DDP, gradient_accumulation_steps is split across the devices."""
+    two = dict(env, XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=2')
+    proc = train(dataset, str(tmp_path / 'out'), '--gradient_accumulation_steps=3', env=two, cwd=str(tmp_path))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith('error:') and 'gradient_accumulation_steps=3' in lines[-1] and '(2)' in lines[-1], lines[-1]
+    assert 'compiling' not in proc.stdout
