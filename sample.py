@@ -251,7 +251,11 @@ if __name__ == '__main__':
 
     # compile once (timed apart), then draw the samples
     t0 = time.time()
-    run = make_generate(gptconf, max_new_tokens, temperature, top_k).lower(params, x, key).compile()
+    try:
+        run = make_generate(gptconf, max_new_tokens, temperature, top_k).lower(params, x, key).compile()
+    except jax.errors.JaxRuntimeError as e:  # e.g. an XLA backend without some op in this dtype
+        fail(f"could not compile the decoder in {dtype} on {dev} ({str(e).splitlines()[0]}): "
+             f"try another --dtype (float32, bfloat16)")
     compile_time = time.time() - t0
     decode_time = 0.0
     for k in range(num_samples):
