@@ -117,6 +117,8 @@ def load_checkpoint(path):
         with safe_open(path, framework='numpy') as f:
             header = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except OSError as e:  # the file is fine as far as we know; reading it is not (permissions, a directory, I/O)
+        raise CheckpointError(f"cannot read {path} ({e}): check that it is a readable file") from None
     except Exception as e:  # safetensors raises its own error types for torn or foreign files
         raise CheckpointError(f"{path} is truncated or not a checkpoint ({type(e).__name__}: {e}); "
                               f"restore it or train again") from None

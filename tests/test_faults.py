@@ -597,3 +597,12 @@ def test_checkpoint_file_mode_is_what_open_would_give(tmp_path):
     finally:
         os.umask(umask)
     assert load_checkpoint(path)[1] == {'iter_num': 2}
+
+
+def test_unreadable_checkpoint_is_not_called_corrupt(tmp_path):
+    """A checkpoint path that cannot be read (here a directory; a file without read permission
+    goes the same way for a non-root user) is reported as unreadable, not as damaged."""
+    path = tmp_path / CKPT_NAME
+    path.mkdir()
+    with pytest.raises(CheckpointError, match=rf'cannot read {re.escape(str(path))} .*readable file'):
+        load_checkpoint(str(path))
