@@ -289,7 +289,24 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted_run(tmp_path, dataset, 
     saves = log.count('saving checkpoint')
     assert on_disk() in (saved + (saves - 2) * EVAL_INTERVAL, saved + (saves - 1) * EVAL_INTERVAL)
 
-    # 5. resume to the end
+    # 5. resume; Ctrl-C (SIGINT) the moment the next save after the restart begins: the
+    # KeyboardInterrupt may land inside the write, which must then leave the old file in place
+    saved = on_disk()
+    r = resume()
+    n_save = min(2, (MAX_ITERS - saved) // EVAL_INTERVAL + 1)
+    for line in r.proc.stdout:
+        r.lines.append(line)
+        n_save -= line.startswith('saving checkpoint')
+        if n_save == 0:
+            r.proc.send_signal(signal.SIGINT)
+            break
+    log = r.finish()
+    logs.append(log)
+    saves = log.count('saving checkpoint')
+    assert r.proc.returncode != 0 or saved + EVAL_INTERVAL >= MAX_ITERS, log[-3000:]  # else it may finish first
+    assert on_disk() in (saved + (saves - 2) * EVAL_INTERVAL, saved + (saves - 1) * EVAL_INTERVAL)
+
+    # 6. resume to the end
     r = resume()
     log = r.finish()
     logs.append(log)
