@@ -53,8 +53,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def compile_cache(tmp_path_factory):
-    """One XLA compilation cache for the file: the later 2-process launches run the program the first
-    one compiled (same shapes, same devices), which keeps the file's time down."""
+    """One XLA compilation cache for the file: process 0 of the later 2-process launches runs the program
+    the first one compiled (JAX writes the cache from process 0 only), which keeps the file's time down."""
     return str(tmp_path_factory.mktemp('xla_cache'))
 
 
