@@ -158,7 +158,8 @@ if num_processes > 1 or auto_cluster:
     # every process must run the same command: another model or batch would compile another program and
     # the collectives would pair up wrongly (a hang, or silently wrong gradients), so compare them now
     from jax.experimental import multihost_utils
-    may_differ = ('out_dir', 'dataset', 'coordinator_address', 'process_id', 'wandb_log', 'wandb_project', 'wandb_run_name')
+    may_differ = ('out_dir', 'dataset', 'coordinator_address', 'num_processes', 'process_id', # paths per host, flags or env
+                  'wandb_log', 'wandb_project', 'wandb_run_name')
     keys = sorted(k for k in config if k not in may_differ)
     fingerprint = np.array([zlib.crc32(repr(config[k]).encode()) for k in keys], np.uint32)
     differ = [k for k, col in zip(keys, multihost_utils.process_allgather(fingerprint).T) if len(set(col.tolist())) > 1]
