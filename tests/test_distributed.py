@@ -176,6 +176,8 @@ def test_bad_multi_process_settings_give_one_line(data_dir, compile_cache, tmp_p
 
 
 def test_two_processes_match_one_process_and_resume(data_dir, compile_cache, tmp_path):
+    """2 processes x 1 device, interrupted at iteration 2 and resumed to 4, give the losses and final
+    checkpoint of 1 process x 2 devices and of 1 process x 1 device; only process 0 logs and writes."""
     out_dir, out_dir_1 = str(tmp_path / 'out'), str(tmp_path / 'out_process1')
     base = TINY + [f'--dataset={data_dir}']
 
@@ -234,7 +236,7 @@ def test_two_processes_match_one_process_and_resume(data_dir, compile_cache, tmp
     assert losses(first_r)[('iter', 4)] < losses(first)[('iter', 0)] - 0.2
 
     # a process whose out_dir does not hold process 0's checkpoint (a disk of its own) cannot resume:
-    # it says so in one line, and process 0, left waiting in its first collective, stops with one line too
+    # it says so in one line and leaves; process 0's first collective then fails, and it says so in one line
     coordinator = f'localhost:{free_port()}'
     jobs = []
     for i, od in enumerate([out_dir, out_dir_1]):
