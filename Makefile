@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test setup
+.PHONY: test setup demo
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,19 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	touch $@
 
 setup: $(VENV)/.runtime
+
+# nanoGPT's quick start: tiny Shakespeare, the baby GPT with nanoGPT README's CPU flags, samples.
+# prepare.py downloads input.txt unless it is already there; a local copy is used when present.
+SHAKESPEARE_COPY := ../shared/data/tinyshakespeare/input.txt
+CPU_FLAGS := --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 \
+	--n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
+
+demo: $(VENV)/.runtime
+	if [ ! -f data/shakespeare_char/input.txt ] && [ -f $(SHAKESPEARE_COPY) ]; then \
+		cp $(SHAKESPEARE_COPY) data/shakespeare_char/input.txt; fi
+	$(PY) data/shakespeare_char/prepare.py
+	$(PY) train.py config/train_shakespeare_char.py $(CPU_FLAGS)
+	$(PY) sample.py --out_dir=out-shakespeare-char
 
 test: $(VENV)/.test
 	$(PY) -m pytest -v tests
