@@ -378,10 +378,17 @@ abstract_state = training.with_device_axis(jax.eval_shape(
 tokens_shape = jax.ShapeDtypeStruct((n_local, micro_steps, batch_size, block_size), np.int32)
 abstract_batch = training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((n_local, micro_steps), np.int32))
 scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-train_step, train_compile_s = compile_ahead(train_step, (0, 0, None, None), abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
 eval_batch_shape = jax.ShapeDtypeStruct((n_local, eval_per_device, batch_size, block_size), np.int32)
-eval_step, eval_compile_s = compile_ahead(eval_step, (0, 0, 0, 0), abstract_state.params, eval_batch_shape, eval_batch_shape,
-                                          jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
+try:
+    train_step, train_compile_s = compile_ahead(train_step, (0, 0, None, None), abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
+    eval_step, eval_compile_s = compile_ahead(eval_step, (0, 0, 0, 0), abstract_state.params, eval_batch_shape, eval_batch_shape,
+                                              jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
+except Exception as e:
+    if dtype == 'float32':
+        raise # a float32 step that does not compile is a bug: show all of it
+    # XLA lacks some half-precision ops on some platforms (e.g. a float16 dot with float32 accumulation on CPU)
+    die(f"the training step does not compile with dtype={dtype} on {platform} ({type(e).__name__}: "
+        f"{str(e).strip().splitlines()[0]}): use --dtype=float32 or {'float16' if dtype == 'bfloat16' else 'bfloat16'}")
 print(f"compile time: {train_compile_s:.1f}s (train step), {eval_compile_s:.1f}s (eval step)")
 
 # will it fit? XLA's own estimate of the step's peak memory against the device's memory
