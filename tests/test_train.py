@@ -604,3 +604,17 @@ def test_accumulation_steps_must_divide_over_the_devices(tmp_path, dataset, env)
     assert proc.returncode == 1 and lines and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     assert lines[-1].startswith('error:') and 'gradient_accumulation_steps=3' in lines[-1] and '(2)' in lines[-1], lines[-1]
     assert 'compiling' not in proc.stdout
+
+
+def test_float16_on_cpu_trains_or_says_why_in_one_line(tmp_path, dataset, env):
+    """XLA on CPU has no float16 dot with float32 accumulation (jax.nn.dot_product_attention's
+    request without dropout): the run either trains or stops with one line naming the dtype."""
+    proc = train(dataset, str(tmp_path / 'out'), '--dtype=float16', '--dropout=0.0', '--max_iters=1',
+                 env=env, cwd=str(tmp_path))
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    if proc.returncode == 0:
+        iters, _ = logged(proc.stdout)
+        assert sorted(iters) == [0, 1] and all(np.isfinite(float(v)) for v in iters.values())
+    else:
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and last.startswith('error:') and 'dtype=float16' in last and '--dtype=' in last, last
