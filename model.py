@@ -105,6 +105,19 @@ def _dropout(x, rate, is_training):
     return x
 
 
+def softmax_attention(q_BTHD, k_BSHD, v_BSHD, mask_TS, dropout=0.0, is_training=False):
+    """Attention written out (nanoGPT's masked-softmax path): scores and softmax in fp32, query t
+    sees key s where mask_TS[t, s]. Used where the fused call cannot go: attention dropout, the
+    KV cache's mask, and float16 without cuDNN's kernel (XLA cannot compile the fused call's float16
+    dot with fp32 accumulation on CPU, nor with a mask on GPU)."""
+    scale = 1.0 / math.sqrt(q_BTHD.shape[-1])
+    att_BHTS = jnp.einsum('bthd,bshd->bhts', q_BTHD, k_BSHD).astype(jnp.float32) * scale
+    att_BHTS = jnp.where(mask_TS, att_BHTS, -jnp.inf)
+    att_BHTS = jax.nn.softmax(att_BHTS, axis=-1).astype(q_BTHD.dtype)
+    att_BHTS = _dropout(att_BHTS, dropout, is_training)
+    return jnp.einsum('bhts,bshd->bthd', att_BHTS, v_BSHD)
+
+
 def causal_attention(q_BTHD, k_BTHD, v_BTHD):
     """Causal softmax attention, scaled by 1/sqrt(D). On a GPU in half precision, cuDNN's fused
     (flash) kernel: XLA's default writes out the (T, T) scores, and made the whole GPT-2 124M
@@ -115,6 +128,9 @@ def causal_attention(q_BTHD, k_BTHD, v_BTHD):
             return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True, implementation='cudnn')
         except (ValueError, NotImplementedError, RuntimeError):
             pass
+    if q_BTHD.dtype == jnp.float16:
+        T = q_BTHD.shape[1]
+        return softmax_attention(q_BTHD, k_BTHD, v_BTHD, jnp.tril(jnp.ones((T, T), dtype=bool)))
     return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True)
 
 
@@ -140,17 +156,12 @@ class CausalSelfAttention(hk.Module):
             S = k_BSHD.shape[1]
             # query t (absolute position pos+t) sees cache slots 0..pos+t
             mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
-            y_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSHD.astype(q_BTHD.dtype), v_BSHD.astype(q_BTHD.dtype),
-                                                  mask=mask_TS[None, None])
+            y_BTHD = softmax_attention(q_BTHD, k_BSHD.astype(q_BTHD.dtype), v_BSHD.astype(q_BTHD.dtype), mask_TS)
             new_kv = (k_BSHD, v_BSHD)
         elif is_training and cfg.dropout > 0.0:
             # fused attention has no dropout: the explicit masked-softmax path
-            att_BHTT = jnp.einsum('bthd,bshd->bhts', q_BTHD, k_BTHD) * (1.0 / math.sqrt(D))
             causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-            att_BHTT = jnp.where(causal_TT, att_BHTT.astype(jnp.float32), -jnp.inf)
-            att_BHTT = jax.nn.softmax(att_BHTT, axis=-1).astype(q_BTHD.dtype)
-            att_BHTT = _dropout(att_BHTT, cfg.dropout, is_training)
-            y_BTHD = jnp.einsum('bhts,bshd->bthd', att_BHTT, v_BTHD)
+            y_BTHD = softmax_attention(q_BTHD, k_BTHD, v_BTHD, causal_TT, cfg.dropout, is_training)
             new_kv = None
         else:
             y_BTHD = causal_attention(q_BTHD, k_BTHD, v_BTHD)

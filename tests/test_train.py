@@ -606,15 +606,11 @@ def test_accumulation_steps_must_divide_over_the_devices(tmp_path, dataset, env)
     assert 'compiling' not in proc.stdout
 
 
-def test_float16_on_cpu_trains_or_says_why_in_one_line(tmp_path, dataset, env):
-    """XLA on CPU has no float16 dot with float32 accumulation (jax.nn.dot_product_attention's
-    request without dropout): the run either trains or stops with one line naming the dtype."""
+def test_float16_trains_on_cpu_without_dropout(tmp_path, dataset, env):
+    """XLA on CPU has no float16 dot with float32 accumulation (what jax.nn.dot_product_attention
+    asks for), so model.causal_attention takes the written-out path in float16: the script trains."""
     proc = train(dataset, str(tmp_path / 'out'), '--dtype=float16', '--dropout=0.0', '--max_iters=1',
                  env=env, cwd=str(tmp_path))
-    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-    if proc.returncode == 0:
-        iters, _ = logged(proc.stdout)
-        assert sorted(iters) == [0, 1] and all(np.isfinite(float(v)) for v in iters.values())
-    else:
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 1 and last.startswith('error:') and 'dtype=float16' in last and '--dtype=' in last, last
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    iters, _ = logged(proc.stdout)
+    assert sorted(iters) == [0, 1] and all(np.isfinite(float(v)) for v in iters.values())
