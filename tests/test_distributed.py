@@ -4,7 +4,6 @@ train.py in 2 processes on localhost (CPU, gloo collectives, 1 device each) agai
 
 The file bounds its own time (BUDGET_S over all launches) and every launch runs in its own process
 group, killed whatever happens, so a hung collective cannot outlive the test."""
-import json
 import os
 import re
 import resource
@@ -22,7 +21,7 @@ sys.path.insert(0, REPO)
 from checkpoint import CKPT_NAME, load_checkpoint  # noqa: E402
 
 TRAIN = os.path.join(REPO, 'train.py')
-SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+from tests.tinydata import tiny_text, write_char_dataset  # noqa: E402
 BUDGET_S = 175  # all launches of this file together
 _start = []
 
@@ -37,18 +36,7 @@ TINY = ['--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=2', '--n_emb
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     """A small character-level dataset: the first 100k characters of tiny Shakespeare."""
-    if not os.path.exists(SHAKESPEARE):
-        pytest.skip(f"{SHAKESPEARE} is missing")
-    text = open(SHAKESPEARE).read()[:100_000]
-    chars = sorted(set(text))
-    ids = np.array([chars.index(c) for c in text], dtype=np.uint16)
-    d = tmp_path_factory.mktemp('data') / 'tiny'
-    d.mkdir()
-    n = int(0.9 * len(ids))
-    ids[:n].tofile(d / 'train.bin')
-    ids[n:].tofile(d / 'val.bin')
-    (d / 'meta.json').write_text(json.dumps({'vocab_size': len(chars)}))
-    return str(d)
+    return write_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'), tiny_text(100_000))
 
 
 @pytest.fixture(scope='module')

@@ -24,7 +24,7 @@ sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 from checkpoint import CKPT_NAME, CheckpointError, load_checkpoint  # noqa: E402
 
-SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+from tests.tinydata import tiny_text, write_char_dataset  # noqa: E402
 MAX_ITERS, EVAL_INTERVAL = 24, 4  # a checkpoint every 4 iterations
 TINY = ['--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
         '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2', '--log_interval=1',
@@ -92,29 +92,9 @@ def env(tmp_path_factory):
     return e
 
 
-def write_dataset(folder, text):
-    """A character-level dataset as data/shakespeare_char/prepare.py writes one."""
-    os.makedirs(folder, exist_ok=True)
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-    n = int(len(ids) * 0.9)
-    ids[:n].tofile(os.path.join(folder, 'train.bin'))
-    ids[n:].tofile(os.path.join(folder, 'val.bin'))
-    with open(os.path.join(folder, 'meta.json'), 'w') as f:
-        json.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': {i: c for c, i in stoi.items()}}, f)
-    return folder
-
-
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
-    if os.path.exists(SHAKESPEARE):
-        with open(SHAKESPEARE, encoding='utf-8') as f:
-            text = f.read()[:20000]
-    else:
-        rng = np.random.default_rng(0)
-        text = ''.join(rng.choice(list('abcdefghij klmnop\n'), 20000))
-    return write_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'), text)
+    return write_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'), tiny_text(20000))
 
 
 def train_cmd(dataset, out_dir, *extra, wrapper=None):

@@ -29,7 +29,7 @@ import model  # noqa: E402
 import training  # noqa: E402
 from checkpoint import CKPT_NAME, load_checkpoint  # noqa: E402
 
-SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+from tests.tinydata import tiny_text, write_char_dataset  # noqa: E402
 VOCAB = 65
 # LLVM's optimisations more than double XLA's compile time of these tiny steps and change no
 # result compared here: every step in a comparison is compiled the same way
@@ -422,23 +422,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     """A character-level dataset as data/shakespeare_char/prepare.py writes it."""
-    if os.path.exists(SHAKESPEARE):
-        with open(SHAKESPEARE, encoding='utf-8') as f:
-            text = f.read()[:30000]
-    else:
-        rng = np.random.default_rng(0)
-        text = ''.join(rng.choice(list('abcdefghij klmnop\n'), 30000))
-    folder = tmp_path_factory.mktemp('data') / 'tiny'
-    folder.mkdir()
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-    n = int(len(ids) * 0.9)
-    ids[:n].tofile(folder / 'train.bin')
-    ids[n:].tofile(folder / 'val.bin')
-    (folder / 'meta.json').write_text(json.dumps({'vocab_size': len(chars), 'stoi': stoi,
-                                                  'itos': {i: c for c, i in stoi.items()}}))
-    return str(folder)
+    return write_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'), tiny_text(30000))
 
 
 def train(dataset, out_dir, *extra, env, cwd, timeout=300):
