@@ -231,6 +231,17 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted_run(tmp_path, dataset, 
         return Run(train_cmd(dataset, out, f'--max_iters={MAX_ITERS}', '--init_from=resume',
                              wrapper=wrapper if fault else None), e, str(tmp_path))
 
+    def resume_and_signal_at_save(n_save, sig):
+        """Resumes and sends sig the moment the n_save-th save of the run begins; (run, its log)."""
+        r = resume()
+        for line in r.proc.stdout:
+            r.lines.append(line)
+            n_save -= line.startswith('saving checkpoint')
+            if n_save == 0:
+                r.proc.send_signal(sig)
+                break
+        return r, r.finish()
+
     # 1. from scratch, SIGKILL from outside right after a random iteration's log line
     k = rng.randrange(EVAL_INTERVAL + 1, 2 * EVAL_INTERVAL + 1)  # early: the child runs on until the signal lands
     r = Run(train_cmd(dataset, out, f'--max_iters={MAX_ITERS}'), env, str(tmp_path))
@@ -260,14 +271,7 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted_run(tmp_path, dataset, 
     # 4. resume; SIGKILL from outside the moment a random later save begins (racing the write)
     # the first save of a resumed run rewrites its starting point; the kill needs a later one
     n_save = min(rng.randrange(2, 4), (MAX_ITERS - saved) // EVAL_INTERVAL + 1)
-    r = resume()
-    for line in r.proc.stdout:
-        r.lines.append(line)
-        n_save -= line.startswith('saving checkpoint')
-        if n_save == 0:
-            r.proc.send_signal(signal.SIGKILL)
-            break
-    log = r.finish()
+    r, log = resume_and_signal_at_save(n_save, signal.SIGKILL)
     logs.append(log)
     assert r.proc.returncode == -signal.SIGKILL, log[-3000:]
     saves = saves_begun(log)
@@ -276,15 +280,7 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted_run(tmp_path, dataset, 
     # 5. resume; Ctrl-C (SIGINT) the moment the next save after the restart begins: the
     # KeyboardInterrupt may land inside the write, which must then leave the old file in place
     saved = on_disk()
-    r = resume()
-    n_save = min(2, (MAX_ITERS - saved) // EVAL_INTERVAL + 1)
-    for line in r.proc.stdout:
-        r.lines.append(line)
-        n_save -= line.startswith('saving checkpoint')
-        if n_save == 0:
-            r.proc.send_signal(signal.SIGINT)
-            break
-    log = r.finish()
+    r, log = resume_and_signal_at_save(min(2, (MAX_ITERS - saved) // EVAL_INTERVAL + 1), signal.SIGINT)
     logs.append(log)
     saves = saves_begun(log)
     assert r.proc.returncode != 0 or saved + EVAL_INTERVAL >= MAX_ITERS, log[-3000:]  # else it may finish first
