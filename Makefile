@@ -30,4 +30,4 @@ demo: $(VENV)/.runtime
 	$(PY) sample.py --out_dir=out-shakespeare-char
 
 test: $(VENV)/.test
-	$(PY) -m pytest -v tests
+	NANOGPT_REQUIRE_REFERENCES=1 $(PY) -m pytest -v tests

@@ -1,7 +1,17 @@
-"""Shows the measured parity numbers of the passing tests of test_model.py at the end of every
-`make test`, so the maxima (not only PASSED) are in CI's output without `-s`."""
+"""Under `make test` the reference implementations are mandatory; and the measured parity numbers
+of test_model.py's passing tests are shown at the end of every run, so the maxima (not only
+PASSED) are in CI's output without `-s`."""
+
+import os
 
 _parity = []
+
+
+def pytest_sessionstart(session):
+    """`make test` installs the references (torch, transformers, wandb) and sets this variable, so
+    there a missing one is an error, not the silent skips that let the suite run without them."""
+    if os.environ.get('NANOGPT_REQUIRE_REFERENCES') == '1':
+        import torch, transformers, wandb  # noqa: F401
 
 
 def pytest_runtest_logreport(report):
