@@ -16,11 +16,6 @@ about a minute; the output says so. CPU MFU is against a matmul peak measured at
 import os
 import sys
 
-# the CPU XLA flags train.py sets for speed, set here too so that the bench times what train.py runs
-CPU_XLA_FLAGS = ''
-if CPU_XLA_FLAGS:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + CPU_XLA_FLAGS).strip()
-
 import time
 import resource
 from contextlib import nullcontext
@@ -61,6 +56,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 _defaults = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 _given = {k for k in config_keys if globals()[k] != _defaults[k] or any(a.startswith(f'--{k}=') for a in sys.argv[1:])}
+training.use_host_devices() # as train.py: on CPU one device per core (up to 2), before JAX starts its backends
 # -----------------------------------------------------------------------------
 
 
@@ -103,16 +99,21 @@ if platform == 'cpu':
     if changed:
         print("CPU-sized defaults (give them on the command line to change): "
               + ", ".join(f"{k}={v}" for k, v in changed.items()))
-if gradient_accumulation_steps % len(devices) != 0:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({len(devices)})")
-micro_steps = gradient_accumulation_steps // len(devices)
+# as train.py: micro-batches over the devices, or on CPU each micro-batch's rows over the host devices
+n_used, row_split = training.plan_devices(len(devices), 1, gradient_accumulation_steps, batch_size, platform == 'cpu')
+devices = devices[:n_used]
+ranks = len(devices) // row_split
+if gradient_accumulation_steps % ranks != 0:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({ranks})")
+micro_steps = gradient_accumulation_steps // ranks
 
 gptconf = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                     dropout=0.0, bias=bias)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"{len(devices)} {platform} device(s) ({devices[0].device_kind}), dtype {dtype}, "
       f"{n_layer}L/{n_head}H/{n_embd}C, vocab {vocab_size}, batch_size {batch_size} x block_size {block_size} "
-      f"x {gradient_accumulation_steps} micro-batch(es) = {tokens_per_iter:,} tokens/iter")
+      f"x {gradient_accumulation_steps} micro-batch(es) = {tokens_per_iter:,} tokens/iter"
+      + (f", each micro-batch's rows split over {row_split} host devices" if row_split > 1 else ""))
 
 # data: windows of data/<dataset>/train.bin as train.py reads them, else fixed random tokens
 data_path = os.path.join('data', dataset, 'train.bin')
@@ -127,20 +128,19 @@ if real_data:
         die(f"{data_path} has token ids >= vocab_size={vocab_size}: give --vocab_size of its tokenizer")
 
     def make_batch(it):
-        starts = training.batch_indices(seed, 'train', it, len(train_data), block_size, (len(devices), micro_steps, batch_size))
-        x, y = training.get_batch(train_data, starts, block_size)
-        return x, y
+        """The iteration's (gradient_accumulation_steps, batch_size, block_size) inputs and targets."""
+        starts = training.batch_indices(seed, 'train', it, len(train_data), block_size, (gradient_accumulation_steps, batch_size))
+        return training.get_batch(train_data, starts, block_size)
 else:
-    _tokens = np.random.default_rng(seed).integers(0, vocab_size, (len(devices), micro_steps, batch_size, block_size + 1), dtype=np.int32)
+    _tokens = np.random.default_rng(seed).integers(0, vocab_size, (gradient_accumulation_steps, batch_size, block_size + 1), dtype=np.int32)
 
     def make_batch(it):
         return _tokens[..., :-1], _tokens[..., 1:]
 
 
 def jax_batch(it):
-    x, y = make_batch(it)
-    micro = (np.arange(len(devices))[:, None] * micro_steps + np.arange(micro_steps)).astype(np.int32)
-    return training.Batch(x, y, micro)
+    x, y = (training.arrange(a, ranks, row_split) for a in make_batch(it))
+    return training.Batch(x, y, training.micro_ids(ranks, row_split, micro_steps))
 
 
 def measure_matmul_peak(n=2048, reps=5):
@@ -164,7 +164,8 @@ elif device_peak_flops(devices[0]):
     if dtype == 'float32':
         peak_what += " (fp32 runs are measured against it too)"
 else:
-    peak, peak_what = measure_matmul_peak() * len(devices), f"2048x2048 fp32 matmul measured now on {len(devices)} device(s)"
+    n_peak = 1 if platform == 'cpu' else len(devices) # one host device's matmul already uses every core
+    peak, peak_what = measure_matmul_peak() * n_peak, f"2048x2048 fp32 matmul measured now on {n_peak} {platform} device(s)"
 print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_what})")
 
 
@@ -248,10 +249,9 @@ if compare == 'torch':
 
     def torch_step(it):
         x, y = make_batch(it)
-        x, y = x.reshape(-1, gradient_accumulation_steps, batch_size, block_size), y.reshape(-1, gradient_accumulation_steps, batch_size, block_size)
         for m in range(gradient_accumulation_steps):
-            xb = torch.from_numpy(np.ascontiguousarray(x[:, m].reshape(-1, block_size))).long().to(tdev)
-            yb = torch.from_numpy(np.ascontiguousarray(y[:, m].reshape(-1, block_size))).long().to(tdev)
+            xb = torch.from_numpy(np.ascontiguousarray(x[m])).long().to(tdev)
+            yb = torch.from_numpy(np.ascontiguousarray(y[m])).long().to(tdev)
             with ctx:
                 logits = fwd(xb).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), yb.view(-1))

@@ -19,16 +19,6 @@ works too). The compiled step itself lives in training.py.
 import os
 import sys
 
-# -----------------------------------------------------------------------------
-# CPU XLA flags: the one place to set them, because XLA reads them when jax is imported.
-# Nothing by default. bench.py reports which flags help on CPU; add them here, e.g.
-# '--xla_force_host_platform_device_count=2' splits the CPU into 2 devices for pmap.
-CPU_XLA_FLAGS = ''
-if CPU_XLA_FLAGS:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + CPU_XLA_FLAGS).strip()
-del CPU_XLA_FLAGS
-# -----------------------------------------------------------------------------
-
 import time
 import math
 import tempfile
@@ -96,6 +86,7 @@ config_keys = [k for k,v in globals().items() if not k.startswith('_') and not k
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read()) # overrides from command line or config file
 config = {k: globals()[k] for k in config_keys} # will be useful for logging
 # -----------------------------------------------------------------------------
+training.use_host_devices() # on CPU, one device per core (up to 2): must come before JAX starts its backends
 
 def die(msg):
     """Known bad input or state: one clear line on stderr, non-zero exit, nothing half-done."""
@@ -183,9 +174,6 @@ if device_index:
     if jax.process_count() > 1:
         die(f"device={device!r}: pick one device only in a single-process run")
     all_devices = [all_devices[int(device_index)]]
-local_devices = [d for d in all_devices if d.process_index == jax.process_index()]
-world = len(all_devices) # devices sharing one iteration, over all processes (DDP's world size)
-local_positions = [all_devices.index(d) for d in local_devices] # this process's devices in pmap order
 platform = all_devices[0].platform
 master_process = jax.process_index() == 0 # this process will do logging, checkpointing etc.
 if dtype == 'auto':
@@ -201,16 +189,30 @@ if not compile:
     print("compile=False: JAX runs the training step through XLA either way (un-jitted it would be ~5x slower); "
           "the flag is accepted for nanoGPT's command lines")
 
-# like DDP, gradient accumulation is split across the devices and batch_size is per device
+# like DDP, gradient accumulation is split across the devices and batch_size is per device. A CPU's host
+# devices are its cores, not DDP ranks: where there are fewer micro-batches than devices they split each
+# micro-batch's rows instead (training.plan_devices), the same iteration either way
 if gradient_accumulation_steps < 1 or batch_size < 1 or block_size < 1:
     die("gradient_accumulation_steps, batch_size and block_size must be positive")
-if gradient_accumulation_steps % world != 0:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({world})")
-micro_steps = gradient_accumulation_steps // world # per device, per iteration
+n_per_process, row_split = training.plan_devices(len(all_devices) // jax.process_count(), jax.process_count(),
+                                                 gradient_accumulation_steps, batch_size, platform == 'cpu')
+by_process = {}
+for d in all_devices:
+    by_process.setdefault(d.process_index, []).append(d)
+all_devices = [d for p in sorted(by_process) for d in by_process[p][:n_per_process]]
+local_devices = by_process[jax.process_index()][:n_per_process]
+world = len(all_devices) # devices sharing one iteration, over all processes
+local_positions = [all_devices.index(d) for d in local_devices] # this process's devices in pmap order
+ranks = world // row_split # DDP's world size: groups of devices sharing whole micro-batches
+if gradient_accumulation_steps % ranks != 0:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({ranks})")
+micro_steps = gradient_accumulation_steps // ranks # per device, per iteration
+rows = batch_size // row_split # of each micro-batch, per device
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
+    split = f", its rows split over {row_split} host devices" if row_split > 1 else ""
     print(f"training on {world} {platform} device(s) in {jax.process_count()} process(es), dtype {dtype}, "
-          f"{micro_steps} micro-step(s) of batch_size {batch_size} per device")
+          f"{micro_steps} micro-step(s) of batch_size {batch_size} per device{split}")
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
 if master_process:
@@ -248,25 +250,27 @@ def check_tokens(split, x, y):
             f"{gptconf.vocab_size} tokens: the data and its meta.json (or the checkpoint) come from different "
             f"prepare.py runs; run python {os.path.join(data_dir, 'prepare.py')} again")
 
+micro_ids = training.micro_ids(ranks, row_split, micro_steps) # each micro-batch's (part's) dropout key
+
 def make_train_batch(it):
-    """This process's share of iteration it: (local devices, micro_steps, batch_size, block_size).
-    Micro-batch g of the iteration goes to device g // micro_steps, wherever that device lives."""
+    """This process's share of iteration it: (local devices, micro_steps, rows, block_size). Micro-batch g
+    of the iteration goes to rank g // micro_steps, wherever it lives (training.arrange)."""
     starts = training.batch_indices(seed, 'train', it, num_tokens['train'], block_size, (gradient_accumulation_steps, batch_size))
-    mine = starts.reshape(world, micro_steps, batch_size)[local_positions]
+    mine = training.arrange(starts, ranks, row_split)[local_positions]
     x, y = training.get_batch(load_split('train'), mine, block_size)
     check_tokens('train', x, y)
-    micro = (np.asarray(local_positions)[:, None] * micro_steps + np.arange(micro_steps)).astype(np.int32)
-    return training.Batch(x, y, micro)
+    return training.Batch(x, y, micro_ids[local_positions])
 
-eval_per_device = -(-eval_iters // world) # eval_iters batches spread over the devices, the rest masked out
+eval_per_device = -(-eval_iters // ranks) # eval_iters batches spread over the ranks, the rest masked out
 
 def make_eval_batch(split, it):
     purpose = 'val' if split == 'val' else 'eval_train'
-    starts = training.batch_indices(seed, purpose, it, num_tokens[split], block_size, (world * eval_per_device, batch_size))
-    rows = np.asarray(local_positions)[:, None] * eval_per_device + np.arange(eval_per_device)
-    x, y = training.get_batch(load_split(split), starts[rows], block_size)
+    starts = training.batch_indices(seed, purpose, it, num_tokens[split], block_size, (ranks * eval_per_device, batch_size))
+    batch_ids = np.broadcast_to(np.arange(ranks * eval_per_device)[:, None], starts.shape)
+    starts, batch_ids = (training.arrange(a, ranks, row_split)[local_positions] for a in (starts, batch_ids))
+    x, y = training.get_batch(load_split(split), starts, block_size)
     check_tokens(split, x, y)
-    return x, y, rows < eval_iters
+    return x, y, batch_ids[..., 0] < eval_iters
 
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
@@ -375,10 +379,10 @@ eval_step = training.pmap_eval_step(training.make_eval_step(gptconf), all_device
 n_local = len(local_devices)
 abstract_state = training.with_device_axis(jax.eval_shape(
     lambda p: training.init_train_state(p, optimizer, dtype, seed), shapes), n_local)
-tokens_shape = jax.ShapeDtypeStruct((n_local, micro_steps, batch_size, block_size), np.int32)
+tokens_shape = jax.ShapeDtypeStruct((n_local, micro_steps, rows, block_size), np.int32)
 abstract_batch = training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((n_local, micro_steps), np.int32))
 scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-eval_batch_shape = jax.ShapeDtypeStruct((n_local, eval_per_device, batch_size, block_size), np.int32)
+eval_batch_shape = jax.ShapeDtypeStruct((n_local, eval_per_device, rows, block_size), np.int32)
 try:
     train_step, train_compile_s = compile_ahead(train_step, (0, 0, None, None), abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
     eval_step, eval_compile_s = compile_ahead(eval_step, (0, 0, 0, 0), abstract_state.params, eval_batch_shape, eval_batch_shape,
@@ -424,8 +428,8 @@ def estimate_loss():
     out = {}
     for split in ['train', 'val']:
         x, y, valid = training.shard(make_eval_batch(split, iter_num), local_devices)
-        total = eval_step(state.params, x, y, valid) # summed over batches and devices
-        out[split] = float(np.asarray(total.addressable_shards[0].data).reshape(())) / eval_iters
+        total = eval_step(state.params, x, y, valid) # summed over batches and devices (each batch row_split times)
+        out[split] = float(np.asarray(total.addressable_shards[0].data).reshape(())) / (eval_iters * row_split)
     return out
 
 # learning rate decay scheduler (cosine with warmup)

@@ -20,6 +20,7 @@ The same iteration therefore sees the same tokens on 1 device with 8 micro-steps
 with 1 each, or after a resume.
 """
 import math
+import os
 import queue
 import threading
 import time
@@ -202,6 +203,53 @@ def pmap_eval_step(eval_step, devices=None):
 
 
 # -----------------------------------------------------------------------------
+# the CPU as host devices, and how an iteration's micro-batches go onto devices
+
+HOST_DEVICES = 2  # CPU devices per process (at most one per core); measured on a 2-core machine
+
+
+def use_host_devices(n=HOST_DEVICES):
+    """Call before JAX starts its backends. Presents the CPU as n devices (at most one per core), so
+    that pmap runs one program per core: on the README CPU config 1.5x faster than one program whose
+    every small op is split over the cores (BENCHMARKS.md). An explicit
+    --xla_force_host_platform_device_count in XLA_FLAGS wins; GPU/TPU runs are unaffected."""
+    if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    jax.config.update('jax_num_cpu_devices', max(1, min(n, cores)))
+
+
+def plan_devices(n_local, n_processes, accumulation, batch_size, split_rows):
+    """Which devices share an iteration's `accumulation` micro-batches of `batch_size` rows.
+    Returns (devices used per process, row_split). Like DDP, whole micro-batches are spread over
+    the devices of all processes (row_split 1). With split_rows (a CPU's host devices, which are one
+    machine's cores, not DDP ranks), groups of row_split devices of a process may instead share each
+    micro-batch's rows when there are too few micro-batches: the README CPU config has one. The
+    smallest such row_split is chosen; failing all, one device per process. Either way an iteration
+    computes the same mean gradient over the same tokens. The caller checks that accumulation divides
+    over the ranks (devices // row_split)."""
+    for r in (range(1, n_local + 1) if split_rows else [1]):
+        if n_local % r == 0 and batch_size % r == 0 and accumulation % (n_processes * n_local // r) == 0:
+            return n_local, r
+    return (1, 1) if split_rows else (n_local, 1)
+
+
+def arrange(a_GB, ranks, row_split):
+    """(accumulation, batch_size, ...) -> (devices, micro_steps, batch_size // row_split, ...) in pmap
+    order: device p takes the micro-batches of rank p // row_split, rows part p % row_split of them."""
+    G, B = a_GB.shape[:2]
+    a = a_GB.reshape(ranks, G // ranks, row_split, B // row_split, *a_GB.shape[2:])
+    return np.swapaxes(a, 1, 2).reshape(ranks * row_split, G // ranks, B // row_split, *a_GB.shape[2:])
+
+
+def micro_ids(ranks, row_split, micro_steps):
+    """Batch.micro for every device, (devices, micro_steps): micro-batch g's rows part k is g * row_split + k,
+    so each micro-batch (and each part of one) draws its own dropout key. With row_split 1, simply g."""
+    g = np.arange(ranks * micro_steps).reshape(ranks, 1, micro_steps)
+    return (g * row_split + np.arange(row_split)[None, :, None]).reshape(ranks * row_split, micro_steps).astype(np.int32)
+
+
+# -----------------------------------------------------------------------------
 # devices: one copy of the state per device, one slice of the batch per device
 
 def device_sharding(devices):
@@ -335,7 +383,6 @@ def device_memory_bytes(device):
         return int(stats['bytes_limit'])
     if device.platform == 'cpu':
         try:
-            import os
             return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
         except (ValueError, OSError, AttributeError):
             return None

@@ -56,9 +56,9 @@ def child_env(compile_cache, host_devices=1, **extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(('JAX_', 'SLURM_', 'OMPI_', 'XLA_', 'TPU_'))}  # nothing inherited may start a cluster
     # LLVM's optimisations triple XLA's compile time of these tiny steps, and every run here has the same flags
-    xla_flags = '--xla_backend_optimization_level=0'
-    if host_devices > 1:
-        xla_flags += f' --xla_force_host_platform_device_count={host_devices}'
+    # the host device count always explicit: train.py's own default on CPU (one per core, up to 2) would
+    # split rows in the 2-process runs, where dropout masks then differ from the 1-device reference
+    xla_flags = f'--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={host_devices}'
     env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', WANDB_MODE='disabled', XLA_FLAGS=xla_flags,
                JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
@@ -145,14 +145,20 @@ BAD_SETTINGS = [
 
 
 def test_bad_multi_process_settings_give_one_line(data_dir, compile_cache, tmp_path):
-    """Each a one-line error before anything is compiled; all launched together. The last case is
-    2 processes started with different batch sizes: both refuse, naming the setting."""
+    """Each a one-line error before anything is compiled; all launched together. Then 2 processes
+    started with different batch sizes: both refuse, naming the setting. Then 2 processes asked for
+    3 micro-batches per iteration: as with DDP, they must divide over the 2 ranks."""
     cases = [(args, env) for args, env, _ in BAD_SETTINGS]
     coordinator = f'localhost:{free_port()}'
     for i in range(2):
         args, env = multi(coordinator, 2, i, flags=False)
         cases.append((args + [f'--batch_size={4 + i}'], env))
-    expected = [e for _, _, e in BAD_SETTINGS] + ['started with different settings (batch_size)'] * 2
+    coordinator = f'localhost:{free_port()}'
+    for i in range(2):
+        args, env = multi(coordinator, 2, i, flags=False)
+        cases.append((args + ['--gradient_accumulation_steps=3'], env))
+    expected = ([e for _, _, e in BAD_SETTINGS] + ['started with different settings (batch_size)'] * 2
+                + ['gradient_accumulation_steps=3 must be divisible by the number of devices (2)'] * 2)
     jobs = [(TINY + [f'--dataset={data_dir}', f'--out_dir={tmp_path / f"out{i}"}'] + args, child_env(compile_cache, **env))
             for i, (args, env) in enumerate(cases)]
     results = launch(jobs, str(tmp_path), 'bad settings')

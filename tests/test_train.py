@@ -580,14 +580,54 @@ def test_init_from_local_gpt2_directory_crops_and_overrides_dropout(tmp_path, da
     np.testing.assert_array_equal(arrays['model.transformer.h.0.ln_1.bias'], hf['transformer.h.0.ln_1.bias'])
 
 
-def test_accumulation_steps_must_divide_over_the_devices(tmp_path, dataset, env):
-    """As with DDP, gradient_accumulation_steps is split across the devices."""
-    two = dict(env, XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=2')
-    proc = train(dataset, str(tmp_path / 'out'), '--gradient_accumulation_steps=3', env=two, cwd=str(tmp_path))
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and lines and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-    assert lines[-1].startswith('error:') and 'gradient_accumulation_steps=3' in lines[-1] and '(2)' in lines[-1], lines[-1]
-    assert 'compiling' not in proc.stdout
+def test_device_plan_spreads_micro_batches_or_splits_rows():
+    """training.plan_devices / arrange / micro_ids against layouts written out by hand."""
+    # DDP: whole micro-batches per device, whenever they divide over all devices
+    assert training.plan_devices(2, 1, 4, 12, split_rows=True) == (2, 1)
+    assert training.plan_devices(8, 1, 40, 12, split_rows=False) == (8, 1)
+    # a CPU's host devices split each micro-batch's rows when there are too few micro-batches
+    assert training.plan_devices(2, 1, 1, 12, split_rows=True) == (2, 2)  # the README CPU config
+    assert training.plan_devices(4, 1, 2, 12, split_rows=True) == (4, 2)  # 2 ranks of 2 devices
+    assert training.plan_devices(2, 2, 2, 4, split_rows=True) == (2, 2)   # 2 processes, one micro-batch each
+    # rows that do not divide: one host device; GPUs never split rows (train.py reports the DDP error)
+    assert training.plan_devices(2, 1, 1, 5, split_rows=True) == (1, 1)
+    assert training.plan_devices(2, 1, 3, 4, split_rows=False) == (2, 1)
+
+    a_GB = np.arange(2 * 4).reshape(2, 4)  # micro-batch g, row b holds 4g + b
+    # 1 rank, rows split in 2: device 0 has rows 0-1 of both micro-batches, device 1 rows 2-3
+    np.testing.assert_array_equal(training.arrange(a_GB, 1, 2), [[[0, 1], [4, 5]], [[2, 3], [6, 7]]])
+    # 2 ranks: one micro-batch each, all rows
+    np.testing.assert_array_equal(training.arrange(a_GB, 2, 1), [[[0, 1, 2, 3]], [[4, 5, 6, 7]]])
+    # 2 ranks x 2 parts, in pmap order rank-major
+    np.testing.assert_array_equal(training.arrange(a_GB, 2, 2), [[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]])
+    # trailing axes (tokens) ride along
+    assert training.arrange(np.zeros((2, 4, 9)), 1, 2).shape == (2, 2, 2, 9)
+    # dropout keys: micro-batch index when whole, a distinct id per (micro-batch, part) when split
+    np.testing.assert_array_equal(training.micro_ids(2, 1, 2), [[0, 1], [2, 3]])
+    np.testing.assert_array_equal(training.micro_ids(1, 2, 2), [[0, 2], [1, 3]])
+
+
+def test_cpu_row_split_over_host_devices_equals_one_device(tmp_path, dataset, env):
+    """One micro-batch per iteration (as the README CPU config): on 2 host devices each takes half of its
+    rows (train.py's default on CPU), and losses and parameters equal those of 1 device. Without dropout,
+    whose masks depend on the split."""
+    flags = ['--gradient_accumulation_steps=1', '--dropout=0.0', '--max_iters=3', '--eval_interval=3']
+    runs = {}
+    for n in (1, 2):
+        e = dict(env, XLA_FLAGS=FAST_COMPILE + f' --xla_force_host_platform_device_count={n}')
+        proc = train(dataset, str(tmp_path / f'out{n}'), *flags, env=e, cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[n] = proc.stdout
+    assert 'its rows split over 2 host devices' in runs[2] and 'rows split' not in runs[1]
+    (iters1, evals1), (iters2, evals2) = logged(runs[1]), logged(runs[2])
+    assert sorted(iters1) == sorted(iters2) == [0, 1, 2, 3] and sorted(evals1) == sorted(evals2) == [0, 3]
+    np.testing.assert_allclose([float(iters2[i]) for i in iters1], [float(v) for v in iters1.values()], atol=2e-4)
+    np.testing.assert_allclose([float(v) for i in evals1 for v in evals2[i]],
+                               [float(v) for i in evals1 for v in evals1[i]], atol=2e-4)
+    one, _ = load_checkpoint(str(tmp_path / 'out1' / CKPT_NAME))
+    two, _ = load_checkpoint(str(tmp_path / 'out2' / CKPT_NAME))
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_float16_trains_on_cpu_without_dropout(tmp_path, dataset, env):
