@@ -189,31 +189,9 @@ if not compile:
     print("compile=False: JAX runs the training step through XLA either way (un-jitted it would be ~5x slower); "
           "the flag is accepted for nanoGPT's command lines")
 
-# like DDP, gradient accumulation is split across the devices and batch_size is per device. A CPU's host
-# devices are its cores, not DDP ranks: where there are fewer micro-batches than devices they split each
-# micro-batch's rows instead (training.plan_devices), the same iteration either way
 if gradient_accumulation_steps < 1 or batch_size < 1 or block_size < 1:
     die("gradient_accumulation_steps, batch_size and block_size must be positive")
-n_per_process, row_split = training.plan_devices(len(all_devices) // jax.process_count(), jax.process_count(),
-                                                 gradient_accumulation_steps, batch_size, platform == 'cpu')
-by_process = {}
-for d in all_devices:
-    by_process.setdefault(d.process_index, []).append(d)
-all_devices = [d for p in sorted(by_process) for d in by_process[p][:n_per_process]]
-local_devices = by_process[jax.process_index()][:n_per_process]
-world = len(all_devices) # devices sharing one iteration, over all processes
-local_positions = [all_devices.index(d) for d in local_devices] # this process's devices in pmap order
-ranks = world // row_split # DDP's world size: groups of devices sharing whole micro-batches
-if gradient_accumulation_steps % ranks != 0:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({ranks})")
-micro_steps = gradient_accumulation_steps // ranks # per device, per iteration
-rows = batch_size // row_split # of each micro-batch, per device
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-if master_process:
-    split = f", its rows split over {row_split} host devices" if row_split > 1 else ""
-    print(f"training on {world} {platform} device(s) in {jax.process_count()} process(es), dtype {dtype}, "
-          f"{micro_steps} micro-step(s) of batch_size {batch_size} per device{split}")
-print(f"tokens per iteration will be: {tokens_per_iter:,}")
+
 
 if master_process:
     try: # fail now, not at the first checkpoint hours from now
@@ -250,8 +228,6 @@ def check_tokens(split, x, y):
             f"{gptconf.vocab_size} tokens: the data and its meta.json (or the checkpoint) come from different "
             f"prepare.py runs; run python {os.path.join(data_dir, 'prepare.py')} again")
 
-micro_ids = training.micro_ids(ranks, row_split, micro_steps) # each micro-batch's (part's) dropout key
-
 def make_train_batch(it):
     """This process's share of iteration it: (local devices, micro_steps, rows, block_size). Micro-batch g
     of the iteration goes to rank g // micro_steps, wherever it lives (training.arrange)."""
@@ -260,8 +236,6 @@ def make_train_batch(it):
     x, y = training.get_batch(load_split('train'), mine, block_size)
     check_tokens('train', x, y)
     return training.Batch(x, y, micro_ids[local_positions])
-
-eval_per_device = -(-eval_iters // ranks) # eval_iters batches spread over the ranks, the rest masked out
 
 def make_eval_batch(split, it):
     purpose = 'val' if split == 'val' else 'eval_train'
@@ -346,6 +320,32 @@ elif block_size > gptconf.block_size:
     die(f"block_size={block_size} is longer than the model's {gptconf.block_size} (init_from={init_from!r})")
 num_params = get_num_params(param_shapes(gptconf))
 print(f"number of parameters: {num_params/1e6:.2f}M")
+
+# like DDP, gradient accumulation is split across the devices and batch_size is per device. A CPU's host
+# devices are its cores, not DDP ranks: where there are fewer micro-batches than devices they split each
+# micro-batch's rows instead (training.plan_devices), the same iteration either way; small models only
+n_per_process, row_split = training.plan_devices(len(all_devices) // jax.process_count(), jax.process_count(),
+                                                 gradient_accumulation_steps, batch_size, platform, num_params)
+by_process = {}
+for d in all_devices:
+    by_process.setdefault(d.process_index, []).append(d)
+all_devices = [d for p in sorted(by_process) for d in by_process[p][:n_per_process]]
+local_devices = by_process[jax.process_index()][:n_per_process]
+world = len(all_devices) # devices sharing one iteration, over all processes
+local_positions = [all_devices.index(d) for d in local_devices] # this process's devices in pmap order
+ranks = world // row_split # DDP's world size: groups of devices sharing whole micro-batches
+if gradient_accumulation_steps % ranks != 0:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({ranks})")
+micro_steps = gradient_accumulation_steps // ranks # per device, per iteration
+rows = batch_size // row_split # of each micro-batch, per device
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master_process:
+    split = f", its rows split over {row_split} host devices" if row_split > 1 else ""
+    print(f"training on {world} {platform} device(s) in {jax.process_count()} process(es), dtype {dtype}, "
+          f"{micro_steps} micro-step(s) of batch_size {batch_size} per device{split}")
+print(f"tokens per iteration will be: {tokens_per_iter:,}")
+micro_ids = training.micro_ids(ranks, row_split, micro_steps) # each micro-batch's (part's) dropout key
+eval_per_device = -(-eval_iters // ranks) # eval_iters batches spread over the ranks, the rest masked out
 
 # mixed precision: compute in dtype, master weights and optimizer state in fp32
 training.set_precision(dtype)
