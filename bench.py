@@ -274,18 +274,28 @@ if compare == 'torch':
     torch_compile_s = time.perf_counter() - t0
 
 # -----------------------------------------------------------------------------
-# timing: with --compare=torch the two alternate step by step, so that both see the same load
-# on a shared machine (and the same thermal state); medians after burn-in
+# timing: with --compare=torch the two take turns of TURN steps, so that both see the same load on a
+# shared machine (and the same thermal state), and the first step of each turn is not timed: torch's
+# OpenMP threads spin-wait after its last op and would slow the other's first step (measured: step by
+# step alternation made the README CPU config's JAX step 12% slower); medians after burn-in
+TURN = 5
 
 runners = [('jax', jax_step)] + ([('torch', torch_timed)] if compare == 'torch' else [])
 times = {name: [] for name, _ in runners}
-for it in range(1, burnin + num_steps + 1):
+done = {name: 0 for name, _ in runners} # iterations run
+total = burnin + num_steps
+while any(len(times[name]) < num_steps for name, _ in runners):
     for name, run in runners:
-        lossf, dt = run(it)
-        if it > burnin:
-            times[name].append(dt)
-        if it == burnin or it == burnin + num_steps or it % 10 == 0:
-            print(f"{name} {it}/{burnin + num_steps} loss: {lossf:.4f}, {dt * 1000:.1f}ms")
+        for k in range(TURN if len(runners) > 1 else total):
+            if len(times[name]) >= num_steps:
+                break
+            done[name] += 1
+            it = done[name]
+            lossf, dt = run(it)
+            if it > burnin and (k > 0 or len(runners) == 1):
+                times[name].append(dt)
+            if it == burnin or len(times[name]) == num_steps or it % 10 == 0:
+                print(f"{name} {it} loss: {lossf:.4f}, {dt * 1000:.1f}ms")
 jax_med = report("jax", compile_s, times['jax'])
 if compare == 'torch':
     torch_med = report("torch" + (" (torch.compile)" if compile else " (eager)"), torch_compile_s, times['torch'])

