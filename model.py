@@ -50,11 +50,12 @@ class GPTConfig:
 
 @jax.custom_vjp
 def matmul(x_NI, w_IO):
-    """x @ w, with the weight gradient computed as (g^T x)^T instead of autodiff's x^T g. Same numbers;
-    the difference is where the transpose lands. For x^T g, XLA:CPU transposes g (N x O, the big
+    """x @ w, with the weight gradient computed as (g^T x)^T instead of autodiff's x^T g: the same product,
+    up to rounding; the difference is where the transpose lands. For x^T g, XLA:CPU transposes g (N x O, the big
     one) inside the elementwise fusion that produces it (the GELU or LayerNorm backward), a strided
     write that took a third of the README CPU config's training step; here only the small (O, I)
-    result is transposed (step 1.5x faster, BENCHMARKS.md). N stands for any leading dims."""
+    result is transposed (step 1.5x faster, BENCHMARKS.md). N stands for any leading dims. Used on
+    CPU only: the GPU timings were taken with autodiff's form, and this one has not been timed there."""
     return x_NI @ w_IO
 
 
@@ -82,7 +83,8 @@ class Linear(hk.Module):
 
     def __call__(self, x):
         w = hk.get_parameter('weight', (x.shape[-1], self.out_features), init=hk.initializers.RandomNormal(self.std))
-        y = matmul(x, w.astype(x.dtype))
+        w = w.astype(x.dtype)
+        y = matmul(x, w) if jax.default_backend() == 'cpu' else x @ w  # GPU/TPU: as timed in BENCHMARKS.md
         if self.use_bias:
             y = y + hk.get_parameter('bias', (self.out_features,), init=jnp.zeros).astype(x.dtype)
         return y

@@ -369,6 +369,19 @@ def test_training_attention_path_equals_fused():
     assert d <= LOGITS_TOL, f"training attention path max|Δ| {d:.2e}"
 
 
+def test_matmul_custom_vjp_equals_autodiff():
+    """model.matmul (the Linear product on CPU) has autodiff's gradients for x and w, with leading dims."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x_BTI = jax.random.normal(kx, (3, 5, 8))
+    w_IO = jax.random.normal(kw, (8, 6))
+    g_BTO = jax.random.normal(kg, (3, 5, 6))
+    ours = jax.vjp(model.matmul, x_BTI, w_IO)[1](g_BTO)
+    plain = jax.vjp(lambda x, w: x @ w, x_BTI, w_IO)[1](g_BTO)
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(model.matmul(x_BTI, w_IO)), np.asarray(x_BTI @ w_IO))
+
+
 def test_import_model_does_not_import_torch():
     code = "import sys, model; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
