@@ -192,7 +192,6 @@ if not compile:
 if gradient_accumulation_steps < 1 or batch_size < 1 or block_size < 1:
     die("gradient_accumulation_steps, batch_size and block_size must be positive")
 
-
 if master_process:
     try: # fail now, not at the first checkpoint hours from now
         os.makedirs(out_dir, exist_ok=True)

@@ -147,7 +147,7 @@ def make_train_step(config, optimizer, axis_name=AXIS):
             (_, loss), grads = grad_fn(state.params, x_BT, y_BT, jax.random.fold_in(step_key, micro), scaler)
             return jax.tree.map(jnp.add, grads_sum, grads), loss
 
-        if M == 1:  # no accumulator to fill and divide: a pass over every parameter less (GPT-2 124M on CPU: 4%)
+        if M == 1:  # no accumulator to fill and divide: passes over every parameter less
             (_, loss), grads = grad_fn(state.params, batch.x[0], batch.y[0], jax.random.fold_in(step_key, batch.micro[0]), scaler)
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -218,8 +218,9 @@ def use_host_devices(n=HOST_DEVICES):
     """Call before JAX starts its backends. Presents the CPU as n devices (at most one per core), so
     that pmap runs one program per core: on the README CPU config 1.5x faster than one program whose
     every small op is split over the cores (BENCHMARKS.md). An explicit
-    --xla_force_host_platform_device_count in XLA_FLAGS wins; GPU/TPU runs are unaffected."""
-    if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    --xla_force_host_platform_device_count in XLA_FLAGS (or JAX_NUM_CPU_DEVICES) wins; GPU/TPU runs are
+    unaffected."""
+    if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '') or 'JAX_NUM_CPU_DEVICES' in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     jax.config.update('jax_num_cpu_devices', max(1, min(n, cores)))
