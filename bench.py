@@ -102,13 +102,12 @@ if platform == 'cpu':
 gptconf = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                     dropout=0.0, bias=bias)
 # as train.py: micro-batches over the devices, or on CPU each micro-batch's rows over the host devices
-n_used, row_split = training.plan_devices(len(devices), 1, gradient_accumulation_steps, batch_size, platform,
-                                          get_num_params(param_shapes(gptconf)))
+try:
+    n_used, row_split, ranks, micro_steps, _ = training.plan_devices(
+        len(devices), 1, gradient_accumulation_steps, batch_size, platform, get_num_params(param_shapes(gptconf)))
+except ValueError as e:
+    die(str(e))
 devices = devices[:n_used]
-ranks = len(devices) // row_split
-if gradient_accumulation_steps % ranks != 0:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({ranks})")
-micro_steps = gradient_accumulation_steps // ranks
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"{len(devices)} {platform} device(s) ({devices[0].device_kind}), dtype {dtype}, "
       f"{n_layer}L/{n_head}H/{n_embd}C, vocab {vocab_size}, batch_size {batch_size} x block_size {block_size} "

@@ -323,8 +323,11 @@ print(f"number of parameters: {num_params/1e6:.2f}M")
 # like DDP, gradient accumulation is split across the devices and batch_size is per device. A CPU's host
 # devices are its cores, not DDP ranks: where there are fewer micro-batches than devices they split each
 # micro-batch's rows instead (training.plan_devices), the same iteration either way; small models only
-n_per_process, row_split = training.plan_devices(len(all_devices) // jax.process_count(), jax.process_count(),
-                                                 gradient_accumulation_steps, batch_size, platform, num_params)
+try:
+    n_per_process, row_split, ranks, micro_steps, rows = training.plan_devices(
+        len(all_devices) // jax.process_count(), jax.process_count(), gradient_accumulation_steps, batch_size, platform, num_params)
+except ValueError as e:
+    die(str(e))
 by_process = {}
 for d in all_devices:
     by_process.setdefault(d.process_index, []).append(d)
@@ -332,11 +335,6 @@ all_devices = [d for p in sorted(by_process) for d in by_process[p][:n_per_proce
 local_devices = by_process[jax.process_index()][:n_per_process]
 world = len(all_devices) # devices sharing one iteration, over all processes
 local_positions = [all_devices.index(d) for d in local_devices] # this process's devices in pmap order
-ranks = world // row_split # DDP's world size: groups of devices sharing whole micro-batches
-if gradient_accumulation_steps % ranks != 0:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of devices ({ranks})")
-micro_steps = gradient_accumulation_steps // ranks # per device, per iteration
-rows = batch_size // row_split # of each micro-batch, per device
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     split = f", its rows split over {row_split} host devices" if row_split > 1 else ""

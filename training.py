@@ -7,7 +7,8 @@ The compiled pieces of training: everything train.py runs per iteration, importa
     state     = init_train_state(params, optimizer, 'bfloat16', seed)          # TrainState, one copy
     step      = pmap_train_step(make_train_step(config, optimizer))            # jax.pmap, state donated
     state     = replicate(state, devices)                                      # one copy per device
-    batch     = shard(Batch(x, y, micro), devices)    # x, y: (devices, micro_steps, batch_size, block_size)
+    plan      = plan_devices(len(devices), 1, accumulation, batch_size, platform, num_params)
+    batch     = shard(Batch(x, y, micro), devices)    # x, y: arrange()d, (devices, micro_steps, rows, block_size)
     state, metrics = step(state, batch, np.float32(lr), np.int32(iter_num))    # metrics['loss'][0]
 
 One call of the step is one whole iteration on every device: forward and backward over the
@@ -226,23 +227,31 @@ def use_host_devices(n=HOST_DEVICES):
     jax.config.update('jax_num_cpu_devices', max(1, min(n, cores)))
 
 
+class DevicePlan(NamedTuple):
+    per_process: int  # devices used in each process
+    row_split: int    # devices sharing each micro-batch's rows (1: whole micro-batches, as DDP)
+    ranks: int        # groups of devices sharing whole micro-batches (DDP's world size)
+    micro_steps: int  # micro-batches per device per iteration
+    rows: int         # rows of each micro-batch per device
+
+
 def plan_devices(n_local, n_processes, accumulation, batch_size, platform, num_params):
-    """Which devices share an iteration's `accumulation` micro-batches of `batch_size` rows.
-    Returns (devices used per process, row_split). Like DDP, whole micro-batches are spread over
-    the devices of all processes (row_split 1). A CPU's host devices are one machine's cores, not DDP
-    ranks: groups of row_split of them may instead share each micro-batch's rows when there are too
-    few micro-batches (the README CPU config has one); the smallest such row_split is chosen, failing
-    all one device per process. Either way an iteration computes the same mean gradient over the same
-    tokens. Host devices only for models up to HOST_DEVICES_MAX_PARAMS. The caller checks that
-    accumulation divides over the ranks (devices // row_split)."""
-    if platform != 'cpu':
-        return n_local, 1
-    if num_params > HOST_DEVICES_MAX_PARAMS:
-        return 1, 1
-    for r in range(1, n_local + 1):
-        if n_local % r == 0 and batch_size % r == 0 and accumulation % (n_processes * n_local // r) == 0:
-            return n_local, r
-    return 1, 1
+    """Which devices share an iteration's `accumulation` micro-batches of `batch_size` rows. Like
+    DDP, whole micro-batches are spread over the devices of all processes. A CPU's host devices are
+    one machine's cores, not DDP ranks: groups of row_split of them may instead share each
+    micro-batch's rows when there are too few micro-batches (the README CPU config has one); the
+    smallest such row_split is chosen, failing all one device per process. Either way an iteration
+    computes the same mean gradient over the same tokens. Host devices only for models up to
+    HOST_DEVICES_MAX_PARAMS. ValueError when accumulation does not divide over the ranks."""
+    per_process, r = n_local, 1
+    if platform == 'cpu':
+        fits = [r for r in range(1, n_local + 1) if n_local % r == 0 and batch_size % r == 0
+                and accumulation % (n_processes * n_local // r) == 0] if num_params <= HOST_DEVICES_MAX_PARAMS else []
+        per_process, r = (n_local, fits[0]) if fits else (1, 1)
+    ranks = n_processes * per_process // r
+    if accumulation % ranks != 0:
+        raise ValueError(f"gradient_accumulation_steps={accumulation} must be divisible by the number of devices ({ranks})")
+    return DevicePlan(per_process, r, ranks, accumulation // ranks, batch_size // r)
 
 
 def arrange(a_GB, ranks, row_split):

@@ -582,18 +582,24 @@ def test_init_from_local_gpt2_directory_crops_and_overrides_dropout(tmp_path, da
 
 def test_device_plan_spreads_micro_batches_or_splits_rows():
     """training.plan_devices / arrange / micro_ids against layouts written out by hand."""
+    def plan(*args):  # (devices per process, row_split, ranks, micro_steps, rows)
+        return tuple(training.plan_devices(*args))
     # DDP: whole micro-batches per device, whenever they divide over all devices
-    assert training.plan_devices(2, 1, 4, 12, 'cpu', 1e6) == (2, 1)
-    assert training.plan_devices(8, 1, 40, 12, 'gpu', 1e6) == (8, 1)
+    assert plan(2, 1, 4, 12, 'cpu', 1e6) == (2, 1, 2, 2, 12)
+    assert plan(8, 1, 40, 12, 'gpu', 1e6) == (8, 1, 8, 5, 12)
     # a CPU's host devices split each micro-batch's rows when there are too few micro-batches
-    assert training.plan_devices(2, 1, 1, 12, 'cpu', 1e6) == (2, 2)  # the README CPU config
-    assert training.plan_devices(4, 1, 2, 12, 'cpu', 1e6) == (4, 2)  # 2 ranks of 2 devices
-    assert training.plan_devices(2, 2, 2, 4, 'cpu', 1e6) == (2, 2)   # 2 processes, one micro-batch each
-    # rows that do not divide: one host device; GPUs never split rows (train.py reports the DDP error)
-    assert training.plan_devices(2, 1, 1, 5, 'cpu', 1e6) == (1, 1)
-    assert training.plan_devices(2, 1, 3, 4, 'gpu', 1e6) == (2, 1)
+    assert plan(2, 1, 1, 12, 'cpu', 1e6) == (2, 2, 1, 1, 6)  # the README CPU config
+    assert plan(4, 1, 2, 12, 'cpu', 1e6) == (4, 2, 2, 1, 6)  # 2 ranks of 2 devices
+    assert plan(2, 2, 2, 4, 'cpu', 1e6) == (2, 2, 2, 1, 2)   # 2 processes, one micro-batch each
+    # rows that do not divide: one host device
+    assert plan(2, 1, 1, 5, 'cpu', 1e6) == (1, 1, 1, 1, 5)
     # a large model uses one host device per process: the all-reduce and per-device AdamW cost more
-    assert training.plan_devices(2, 1, 1, 12, 'cpu', training.HOST_DEVICES_MAX_PARAMS + 1) == (1, 1)
+    assert plan(2, 1, 1, 12, 'cpu', training.HOST_DEVICES_MAX_PARAMS + 1) == (1, 1, 1, 1, 12)
+    # GPUs never split rows: as with DDP, accumulation must divide over the devices
+    with pytest.raises(ValueError, match=r'gradient_accumulation_steps=3 must be divisible by the number of devices \(2\)'):
+        training.plan_devices(2, 1, 3, 4, 'gpu', 1e6)
+    with pytest.raises(ValueError, match=r'\(2\)'):  # 2 processes, one CPU device each
+        training.plan_devices(2, 2, 3, 5, 'cpu', 1e6)
 
     a_GB = np.arange(2 * 4).reshape(2, 4)  # micro-batch g, row b holds 4g + b
     # 1 rank, rows split in 2: device 0 has rows 0-1 of both micro-batches, device 1 rows 2-3
