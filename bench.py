@@ -198,7 +198,7 @@ batch0 = jax_batch(0)
 abstract_batch = training.with_device_axis(training.abstract(jax.tree.map(lambda a: a[0], batch0)), len(devices))
 step = training.pmap_train_step(training.make_train_step(gptconf, optimizer), devices)
 scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-step, compile_s = training.compile_ahead(step, abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
+[(step, compile_s)] = training.compile_ahead((step, (abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))))
 need = training.compiled_bytes(step)
 
 lr = np.float32(1e-4)

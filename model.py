@@ -299,7 +299,9 @@ def init_cache(config, batch_size, dtype=jnp.float32):
 
 
 def init_params(config, rng):
-    return gpt_forward(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    """nanoGPT's initialisation, as one compiled call: run op by op, each of its many small ops would be
+    compiled on its own (twice as slow for the README CPU model)."""
+    return jax.jit(gpt_forward(config).init)(rng, jnp.zeros((1, 1), jnp.int32))
 
 
 def param_shapes(config):

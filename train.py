@@ -349,30 +349,39 @@ training.set_precision(dtype)
 shapes = param_shapes(gptconf)
 optimizer = configure_optimizers(shapes, weight_decay, learning_rate, (beta1, beta2), platform, grad_clip)
 
-# compile the step ahead of time, on shapes only: nothing is allocated until we know it fits
-def compile_ahead(step, in_axes, *args):
-    """training.compile_ahead on this process's shapes (args), also across processes. There pmap lowers on
-    global shapes (every process's rows) and the compiled step takes and returns global arrays, so the
-    returned step converts this process's rows to and from them, as a plain pmap call does."""
+# compile ahead of time, on shapes only: nothing is allocated until we know it fits
+def global_shapes(in_axes, args):
+    """Across processes pmap lowers on global shapes (every process's rows): this process's shapes (args)
+    made global. ShapedArray, not ShapeDtypeStruct: pmap reads abstract values as global shapes."""
     if jax.process_count() == 1:
-        return training.compile_ahead(step, *args)
+        return args
+    return [jax.tree.map(lambda a: jax.core.ShapedArray((world,) + a.shape[1:] if ax == 0 else a.shape, a.dtype), arg)
+            for arg, ax in zip(args, in_axes)]
+
+def local_view(compiled, in_axes):
+    """Across processes the compiled step takes and returns global arrays: converts this process's rows to
+    and from them, as a plain pmap call does."""
+    if jax.process_count() == 1:
+        return compiled
     from jax.experimental import multihost_utils
     mesh = jax.sharding.Mesh(np.array(all_devices), (training.AXIS,))
     mapped, replicated = jax.sharding.PartitionSpec(training.AXIS), jax.sharding.PartitionSpec()
-    # ShapedArray, not ShapeDtypeStruct: pmap reads abstract values as global shapes
-    global_args = [jax.tree.map(lambda a: jax.core.ShapedArray((world,) + a.shape[1:] if ax == 0 else a.shape, a.dtype), arg)
-                   for arg, ax in zip(args, in_axes)]
-    compiled, seconds = training.compile_ahead(step, *global_args)
     specs = tuple(mapped if ax == 0 else replicated for ax in in_axes)
     def run(*local_args):
         out = compiled(*multihost_utils.host_local_array_to_global_array(local_args, mesh, specs))
         return multihost_utils.global_array_to_host_local_array(out, mesh, mapped)
     run.memory_analysis = compiled.memory_analysis
-    return run, seconds
+    return run
+
+def initial_state(key):
+    """The train state from scratch, compiled alongside the steps: run op by op, each of the
+    initialisation's many small ops would be compiled on its own (3.5s for the README CPU model)."""
+    return training.init_train_state(init_params(gptconf, key), optimizer, dtype, seed)
 
 print("compiling the training step...")
 train_step = training.pmap_train_step(training.make_train_step(gptconf, optimizer), all_devices)
 eval_step = training.pmap_eval_step(training.make_eval_step(gptconf), all_devices)
+make_state = jax.jit(initial_state, out_shardings=jax.sharding.SingleDeviceSharding(local_devices[0]))
 n_local = len(local_devices)
 abstract_state = training.with_device_axis(jax.eval_shape(
     lambda p: training.init_train_state(p, optimizer, dtype, seed), shapes), n_local)
@@ -380,17 +389,27 @@ tokens_shape = jax.ShapeDtypeStruct((n_local, micro_steps, rows, block_size), np
 abstract_batch = training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((n_local, micro_steps), np.int32))
 scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
 eval_batch_shape = jax.ShapeDtypeStruct((n_local, eval_per_device, rows, block_size), np.int32)
+train_axes, eval_axes = (0, 0, None, None), (0, 0, 0, 0)
+train_args = (abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
+eval_args = (abstract_state.params, eval_batch_shape, eval_batch_shape, jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
+jobs = {'train step': (train_step, global_shapes(train_axes, train_args)), 'eval step': (eval_step, global_shapes(eval_axes, eval_args))}
+if params is None:
+    jobs['initial state'] = (make_state, (jax.eval_shape(jax.random.PRNGKey, seed),))
+t_compile = time.time()
 try:
-    train_step, train_compile_s = compile_ahead(train_step, (0, 0, None, None), abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
-    eval_step, eval_compile_s = compile_ahead(eval_step, (0, 0, 0, 0), abstract_state.params, eval_batch_shape, eval_batch_shape,
-                                              jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
+    with jax.default_device(local_devices[0]):
+        compiled = dict(zip(jobs, training.compile_ahead(*jobs.values())))
 except Exception as e:
     if dtype == 'float32':
         raise # a float32 step that does not compile is a bug: show all of it
     # XLA lacks some half-precision ops on some platforms (e.g. a float16 dot with float32 accumulation on CPU)
     die(f"the training step does not compile with dtype={dtype} on {platform} ({type(e).__name__}: "
         f"{str(e).strip().splitlines()[0]}): use --dtype=float32 or {'float16' if dtype == 'bfloat16' else 'bfloat16'}")
-print(f"compile time: {train_compile_s:.1f}s (train step), {eval_compile_s:.1f}s (eval step)")
+train_step = local_view(compiled['train step'][0], train_axes)
+eval_step = local_view(compiled['eval step'][0], eval_axes)
+make_state = compiled.get('initial state', (None,))[0]
+print(f"compile time: {time.time() - t_compile:.1f}s ("
+      + ", ".join(f"{name} {seconds:.1f}s" for name, (_, seconds) in compiled.items()) + ", side by side)")
 
 # will it fit? XLA's own estimate of the step's peak memory against the device's memory
 need = [training.compiled_bytes(c) for c in (train_step, eval_step)]
@@ -408,8 +427,9 @@ if None not in need:
 # create the train state on the first local device, then one copy per device
 with jax.default_device(local_devices[0]):
     if params is None:
-        params = init_params(gptconf, jax.random.PRNGKey(seed))
-    state = training.init_train_state(params, optimizer, dtype, seed)
+        state = make_state(jax.random.PRNGKey(seed))
+    else:
+        state = training.init_train_state(params, optimizer, dtype, seed)
     if ckpt_arrays is not None:
         try:
             state = state._replace(opt_state=unflatten_like(state.opt_state, ckpt_arrays, 'optimizer', ckpt_path))
@@ -476,7 +496,26 @@ iters_since_log = 0
 local_iter_num = 0 # number of iterations in the lifetime of this process
 running_mfu = -1.0
 peak_flops = device_peak_flops(local_devices[0]) or 312e12 # unknown devices (CPUs) are measured against an A100, as nanoGPT
-in_flight = None # (iter, metrics) of the previous step: checked one step late so the device never idles
+# the step of iteration it is waited for (and logged) only once the next one is dispatched: the device never
+# idles, and the ~2ms a pmap call takes to dispatch overlaps the previous step (3-6% of a README CPU run)
+in_flight = None # (iter, local_iter, metrics) of the step dispatched last
+
+def finish(it, local_it, metrics):
+    """Waits for the step of iteration it, stops on nan/inf, and prints its log line when due."""
+    global t0, iters_since_log, running_mfu
+    # get loss as float. note: this is a CPU-device sync point (every process checks for nan)
+    lossf = loss_of(it, metrics)
+    iters_since_log += 1
+    if it % log_interval == 0:
+        t1 = time.time()
+        dt = (t1 - t0) / iters_since_log # mean over the iterations since the last log line
+        t0, iters_since_log = t1, 0
+        if master_process:
+            if local_it >= 5: # let the training loop settle a bit
+                mfu = estimate_mfu(gptconf, num_params, batch_size * micro_steps, dt, peak_flops)
+                running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
+            print(f"iter {it}: loss {lossf:.4f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
+
 while True:
 
     # determine and set the learning rate for this iteration
@@ -485,7 +524,7 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0:
         if in_flight is not None: # never evaluate or save after a diverged step
-            loss_of(*in_flight)
+            finish(*in_flight)
             in_flight = None
         losses = estimate_loss() # every process takes part (the eval is pmapped); the master reports
         if not math.isfinite(losses['val']):
@@ -510,24 +549,11 @@ while True:
     # forward, backward over all micro-batches, gradient average across devices and AdamW:
     # one compiled call, dispatched asynchronously while the next batch is prepared
     state, metrics = train_step(state, prefetch.get(iter_num), np.float32(lr), np.int32(iter_num))
-    if in_flight is not None:
-        loss_of(*in_flight)
-    in_flight = (iter_num, metrics)
-    iters_since_log += 1
 
-    # timing and logging
-    if iter_num % log_interval == 0:
-        # get loss as float. note: this is a CPU-device sync point (every process checks for nan)
-        lossf = loss_of(*in_flight)
-        in_flight = None
-        t1 = time.time()
-        dt = (t1 - t0) / iters_since_log # mean over the iterations since the last log line
-        t0, iters_since_log = t1, 0
-        if master_process:
-            if local_iter_num >= 5: # let the training loop settle a bit
-                mfu = estimate_mfu(gptconf, num_params, batch_size * micro_steps, dt, peak_flops)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
-            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
+    # timing and logging, of the previous step
+    if in_flight is not None:
+        finish(*in_flight)
+    in_flight = (iter_num, local_iter_num, metrics)
     iter_num += 1
     local_iter_num += 1
 
@@ -536,7 +562,7 @@ while True:
         break
 
 if in_flight is not None:
-    loss_of(*in_flight)
+    finish(*in_flight)
 prefetch.close()
 if wandb_log and master_process:
     wandb.finish()

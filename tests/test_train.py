@@ -371,6 +371,29 @@ def test_batches_are_pure_functions_of_seed_and_iteration():
         np.testing.assert_array_equal(y[row], mm_data[s + 1:s + 1 + T])
 
 
+def test_compile_ahead_compiles_jobs_side_by_side_from_shapes():
+    """train.py compiles its train step, eval step and initial state in one compile_ahead call: each
+    compiled function must compute what jax.jit does, in the order given, and a failing job must raise."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    double, matmul = jax.jit(lambda a: a * 2), jax.jit(lambda a, b: a @ b)
+    (c_double, s_double), (c_matmul, s_matmul) = training.compile_ahead(
+        (double, (jax.ShapeDtypeStruct(x.shape, x.dtype),)), (matmul, (training.abstract(x), training.abstract(x.T))))
+    np.testing.assert_array_equal(np.asarray(c_double(x)), x * 2)
+    np.testing.assert_array_equal(np.asarray(c_matmul(x, x.T)), x @ x.T)
+    assert s_double > 0 and s_matmul > 0
+    with pytest.raises(TypeError):  # shapes that do not fit: the error reaches the caller
+        training.compile_ahead((double, (training.abstract(x),)), (matmul, (training.abstract(x), training.abstract(x))))
+
+
+def test_unreplicate_reads_the_first_device_copy():
+    devices = jax.devices()[:1]
+    tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'n': np.int32(7)}
+    host = training.unreplicate(training.replicate(tree, devices))
+    assert isinstance(host['w'], np.ndarray)
+    np.testing.assert_array_equal(host['w'], tree['w'])
+    assert int(host['n']) == 7
+
+
 def test_prefetcher_hands_out_iterations_in_order_and_raises_their_errors():
     devices = jax.devices()[:1]
 
@@ -537,7 +560,7 @@ def test_memory_check_refuses_what_cannot_fit(tmp_path, dataset, env):
     assert 'Traceback' not in proc.stderr and err, proc.stderr[-3000:]
     assert re.match(r'error: the compiled training step needs ~[\d.]+ GiB but .* has [\d.]+ GiB: lower --batch_size',
                     err[-1]), err[-1]
-    assert 'iter 0' not in proc.stdout and 'step 0' not in proc.stdout  # refused before any training
+    assert not re.search(r'^(iter|step) 0:', proc.stdout, re.M)  # refused before any training
     assert not (out / CKPT_NAME).exists()
 
 
