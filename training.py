@@ -379,9 +379,9 @@ def with_device_axis(tree, n):
 
 def compile_ahead(*jobs):
     """jobs: (fn, args) pairs -> [(compiled, seconds)]: fn.lower(*args).compile() for each, args may be
-    ShapeDtypeStructs; seconds is each job's own lowering plus compile. Each job is lowered in turn (tracing
-    is Python) and handed to its own thread to compile: XLA releases the GIL, so on a multi-core CPU the
-    compiles overlap each other and the next job's lowering."""
+    ShapeDtypeStructs; seconds runs from the start of the job's lowering to the end of its compile. Each job
+    is lowered in turn (tracing is Python) and handed to its own thread to compile: XLA releases the GIL
+    for much of a compile, so on a multi-core CPU the compiles overlap in part (BENCHMARKS.md)."""
     def compile_one(lowered, t0):
         compiled = lowered.compile()
         return compiled, time.time() - t0
