@@ -381,7 +381,6 @@ def initial_state(key):
 print("compiling the training step...")
 train_step = training.pmap_train_step(training.make_train_step(gptconf, optimizer), all_devices)
 eval_step = training.pmap_eval_step(training.make_eval_step(gptconf), all_devices)
-make_state = jax.jit(initial_state, out_shardings=jax.sharding.SingleDeviceSharding(local_devices[0]))
 n_local = len(local_devices)
 abstract_state = training.with_device_axis(jax.eval_shape(
     lambda p: training.init_train_state(p, optimizer, dtype, seed), shapes), n_local)
@@ -394,7 +393,8 @@ train_args = (abstract_state, abstract_batch, scalar(np.float32), scalar(np.int3
 eval_args = (abstract_state.params, eval_batch_shape, eval_batch_shape, jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
 jobs = {'train step': (train_step, global_shapes(train_axes, train_args)), 'eval step': (eval_step, global_shapes(eval_axes, eval_args))}
 if params is None:
-    jobs['initial state'] = (make_state, (jax.eval_shape(jax.random.PRNGKey, seed),))
+    jobs['initial state'] = (jax.jit(initial_state, out_shardings=jax.sharding.SingleDeviceSharding(local_devices[0])),
+                             (jax.eval_shape(jax.random.PRNGKey, seed),))
 t_compile = time.time()
 try:
     with jax.default_device(local_devices[0]):
@@ -407,7 +407,6 @@ except Exception as e:
         f"{str(e).strip().splitlines()[0]}): use --dtype=float32 or {'float16' if dtype == 'bfloat16' else 'bfloat16'}")
 train_step = local_view(compiled['train step'][0], train_axes)
 eval_step = local_view(compiled['eval step'][0], eval_axes)
-make_state = compiled.get('initial state', (None,))[0]
 print(f"compile time: {time.time() - t_compile:.1f}s ("
       + ", ".join(f"{name} {seconds:.1f}s" for name, (_, seconds) in compiled.items()) + ", side by side)")
 
@@ -427,7 +426,7 @@ if None not in need:
 # create the train state on the first local device, then one copy per device
 with jax.default_device(local_devices[0]):
     if params is None:
-        state = make_state(jax.random.PRNGKey(seed))
+        state = compiled['initial state'][0](jax.random.PRNGKey(seed))
     else:
         state = training.init_train_state(params, optimizer, dtype, seed)
     if ckpt_arrays is not None:
@@ -496,8 +495,9 @@ iters_since_log = 0
 local_iter_num = 0 # number of iterations in the lifetime of this process
 running_mfu = -1.0
 peak_flops = device_peak_flops(local_devices[0]) or 312e12 # unknown devices (CPUs) are measured against an A100, as nanoGPT
-# the step of iteration it is waited for (and logged) only once the next one is dispatched: the device never
-# idles, and the ~2ms a pmap call takes to dispatch overlaps the previous step (3-6% of a README CPU run)
+# the step of iteration it is waited for (and logged) only once the next one is dispatched, so the device
+# never idles while a step is dispatched (a pmap call takes ~1.4ms to return on the README CPU config; the
+# gain measured there is within noise, BENCHMARKS.md)
 in_flight = None # (iter, local_iter, metrics) of the step dispatched last
 
 def finish(it, local_it, metrics):

@@ -389,7 +389,7 @@ def test_unreplicate_reads_the_first_device_copy():
     devices = jax.devices()[:1]
     tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'n': np.int32(7)}
     host = training.unreplicate(training.replicate(tree, devices))
-    assert isinstance(host['w'], np.ndarray)
+    assert isinstance(host['w'], np.ndarray) and host['w'].shape == (2, 3)  # the device axis is gone
     np.testing.assert_array_equal(host['w'], tree['w'])
     assert int(host['n']) == 7
 
