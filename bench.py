@@ -1,7 +1,8 @@
 """
-A much shorter version of train.py for benchmarking: it times the very step train.py runs
-(training.make_train_step under jax.pmap, state donated), reporting compile time apart from the
-steady state, median ms/iter, tokens/s, MFU and peak memory.
+A much shorter version of train.py for benchmarking: it times the very call train.py runs
+(training.make_train_step in training.make_train_chunk under jax.pmap, state donated: on a CPU several
+iterations per call for small models, as train.py), reporting compile time apart from the steady
+state, median ms/iter, tokens/s, MFU and peak memory.
 
 $ python bench.py                                  # GPT-2 124M; on a CPU a CPU-sized run (see below)
 $ python bench.py --batch_size=12 --block_size=64 --n_layer=4 --n_head=4 --n_embd=128 --vocab_size=65
@@ -24,7 +25,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from model import GPTConfig, init_params, param_shapes, get_num_params, configure_optimizers, estimate_mfu, device_peak_flops
+from model import GPTConfig, init_params, param_shapes, get_num_params, configure_optimizers, estimate_mfu, device_peak_flops, \
+    flops_per_iter
 import training
 
 # -----------------------------------------------------------------------------
@@ -109,10 +111,14 @@ except ValueError as e:
     die(str(e))
 devices = devices[:n_used]
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+iters_per_call = training.iters_per_call(
+    platform, flops_per_iter(gptconf, get_num_params(param_shapes(gptconf)), gradient_accumulation_steps * batch_size))
 print(f"{len(devices)} {platform} device(s) ({devices[0].device_kind}), dtype {dtype}, "
       f"{n_layer}L/{n_head}H/{n_embd}C, vocab {vocab_size}, batch_size {batch_size} x block_size {block_size} "
       f"x {gradient_accumulation_steps} micro-batch(es) = {tokens_per_iter:,} tokens/iter"
       + (f", each micro-batch's rows split over {row_split} host devices" if row_split > 1 else ""))
+if iters_per_call > 1:
+    print(f"jax: {iters_per_call} iterations per compiled call, as train.py runs this model here; times are per iteration")
 
 # data: windows of data/<dataset>/train.bin as train.py reads them, else fixed random tokens
 data_path = os.path.join('data', dataset, 'train.bin')
@@ -140,6 +146,12 @@ else:
 def jax_batch(it):
     x, y = (training.arrange(a, ranks, row_split) for a in make_batch(it))
     return training.Batch(x, y, training.micro_ids(ranks, row_split, micro_steps))
+
+
+def jax_chunk(call):
+    """The batches of call number `call`: iterations call*iters_per_call onwards, stacked on axis 1."""
+    its = range(call * iters_per_call, (call + 1) * iters_per_call)
+    return jax.tree.map(lambda *a: np.stack(a, axis=1), *[jax_batch(it) for it in its])
 
 
 def measure_matmul_peak(n=2048, reps=5):
@@ -172,11 +184,12 @@ def mfu_of(dt):
     return estimate_mfu(gptconf, num_params, batch_size * gradient_accumulation_steps, dt, peak)
 
 
-def report(name, compile_s, times):
+def report(name, compile_s, times, per_call=1):
     times = np.asarray(times)
     med = float(np.median(times))
+    counted = f"{len(times)} calls of {per_call} iterations" if per_call > 1 else f"{len(times)} iters"
     print(f"{name}: compile {compile_s:.1f}s | median {med * 1000:.2f} ms/iter "
-          f"(min {times.min() * 1000:.2f}, max {times.max() * 1000:.2f}, {len(times)} iters) | "
+          f"(min {times.min() * 1000:.2f}, max {times.max() * 1000:.2f}, {counted}) | "
           f"{tokens_per_iter / med:,.0f} tokens/s | MFU {mfu_of(med) * 100:.1f}%")
     return med
 
@@ -194,24 +207,28 @@ state = training.init_train_state(params, optimizer, dtype, seed)
 abstract_state = training.with_device_axis(training.abstract(state), len(devices))
 state = training.replicate(state, devices)
 del params
-batch0 = jax_batch(0)
-abstract_batch = training.with_device_axis(training.abstract(jax.tree.map(lambda a: a[0], batch0)), len(devices))
-step = training.pmap_train_step(training.make_train_step(gptconf, optimizer), devices)
+abstract_batch = training.with_device_axis(training.abstract(jax.tree.map(lambda a: a[0], jax_chunk(0))), len(devices))
+step = training.pmap_train_chunk(training.make_train_chunk(training.make_train_step(gptconf, optimizer), iters_per_call), devices)
 scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-[(step, compile_s)] = training.compile_ahead((step, (abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))))
+[(step, compile_s)] = training.compile_ahead(
+    (step, (abstract_state, abstract_batch, jax.ShapeDtypeStruct((iters_per_call,), np.float32), scalar(np.int32), scalar(np.int32))))
 need = training.compiled_bytes(step)
 
-lr = np.float32(1e-4)
+lrs = np.full(iters_per_call, 1e-4, np.float32)
 
 
-def jax_step(it):
-    """One timed iteration: batch to the devices, the step, the loss back (torch's loss.item())."""
+def jax_call(call):
+    """Runs call number `call` (iters_per_call iterations) and returns its last loss, once it is back."""
     global state
-    batch = training.shard(jax_batch(it), devices)
+    state, metrics = step(state, training.shard(jax_chunk(call), devices), lrs, np.int32(call * iters_per_call), np.int32(iters_per_call))
+    return float(np.asarray(metrics['loss'].addressable_shards[0].data).reshape(-1)[-1])
+
+
+def jax_step(call):
+    """One timed call: batches to the devices, the step, the loss back (torch's loss.item()); time per iteration."""
     t0 = time.perf_counter()
-    state, metrics = step(state, batch, lr, np.int32(it))
-    lossf = float(np.asarray(metrics['loss'].addressable_shards[0].data).reshape(()))
-    return lossf, time.perf_counter() - t0
+    lossf = jax_call(call)
+    return lossf, (time.perf_counter() - t0) / iters_per_call
 
 
 
@@ -281,7 +298,7 @@ TURN = 5
 
 runners = [('jax', jax_step)] + ([('torch', torch_timed)] if compare == 'torch' else [])
 times = {name: [] for name, _ in runners}
-done = {name: 0 for name, _ in runners} # iterations run
+done = {name: 0 for name, _ in runners} # calls run (a JAX call runs iters_per_call iterations)
 total = burnin + num_steps
 while any(len(times[name]) < num_steps for name, _ in runners):
     for name, run in runners:
@@ -295,7 +312,7 @@ while any(len(times[name]) < num_steps for name, _ in runners):
                 times[name].append(dt)
             if it == burnin or len(times[name]) == num_steps or it % 10 == 0:
                 print(f"{name} {it} loss: {lossf:.4f}, {dt * 1000:.1f}ms")
-jax_med = report("jax", compile_s, times['jax'])
+jax_med = report("jax", compile_s, times['jax'], iters_per_call)
 if compare == 'torch':
     torch_med = report("torch" + (" (torch.compile)" if compile else " (eager)"), torch_compile_s, times['torch'])
     print(f"jax/torch: {torch_med / jax_med:.2f}x the tokens/s of torch (torch {torch.__version__}, "
@@ -313,9 +330,9 @@ else:
 if profile:
     os.makedirs(profile_dir, exist_ok=True)
     with jax.profiler.trace(profile_dir):
-        for it in range(3):
-            with jax.profiler.StepTraceAnnotation('train', step_num=it):
-                state, metrics = step(state, training.shard(jax_batch(it), devices), lr, np.int32(it))
-                metrics['loss'].block_until_ready()
-    print(f"profile: jax.profiler trace of 3 steps in {profile_dir} (tensorboard --logdir={profile_dir}, or Perfetto)")
+        for call in range(3):
+            with jax.profiler.StepTraceAnnotation('train', step_num=call):
+                jax_call(call)
+    print(f"profile: jax.profiler trace of 3 calls ({3 * iters_per_call} iterations) in {profile_dir} "
+          f"(tensorboard --logdir={profile_dir}, or Perfetto)")
 

@@ -470,10 +470,14 @@ def device_peak_flops(device=None):
     return None
 
 
+def flops_per_iter(config, num_params, fwdbwd_per_iter):
+    """Training FLOPs of an iteration of fwdbwd_per_iter sequences (PaLM appendix B, as nanoGPT)."""
+    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
+    flops_per_token = 6 * num_params + 12 * L * H * Q * T
+    return flops_per_token * T * fwdbwd_per_iter
+
+
 def estimate_mfu(config, num_params, fwdbwd_per_iter, dt, peak_flops=312e12):
     """Model FLOPs utilization (PaLM appendix B), as nanoGPT: the ratio of achieved FLOP/s to
     peak_flops (default A100 bf16, nanoGPT's unit). num_params: get_num_params(params)."""
-    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
-    flops_per_token = 6 * num_params + 12 * L * H * Q * T
-    flops_per_iter = flops_per_token * T * fwdbwd_per_iter
-    return flops_per_iter / dt / peak_flops
+    return flops_per_iter(config, num_params, fwdbwd_per_iter) / dt / peak_flops

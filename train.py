@@ -29,7 +29,7 @@ import numpy as np
 import jax
 
 from model import GPTConfig, init_params, param_shapes, get_num_params, crop_block_size, from_pretrained, \
-    configure_optimizers, estimate_mfu, device_peak_flops
+    configure_optimizers, estimate_mfu, device_peak_flops, flops_per_iter
 from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpoint, flatten, unflatten_like, \
     params_to_arrays, params_from_arrays, load_meta
 import training
@@ -236,6 +236,18 @@ def make_train_batch(it):
     check_tokens('train', x, y)
     return training.Batch(x, y, micro_ids[local_positions])
 
+def train_chunk_end(it):
+    """The first iteration after the chunk (one compiled call) that starts at it: chunks end at eval
+    points, so evals and checkpoints fall between calls, and after max_iters."""
+    return max(it + 1, min(it + iters_per_call, (it // eval_interval + 1) * eval_interval, max_iters + 1))
+
+def make_train_chunk(it):
+    """Iterations it .. train_chunk_end(it)-1 stacked on axis 1, (local devices, iters_per_call, ...),
+    slots past the chunk's end zero (unused)."""
+    batches = [make_train_batch(i) for i in range(it, train_chunk_end(it))]
+    batches += [jax.tree.map(np.zeros_like, batches[0])] * (iters_per_call - len(batches))
+    return jax.tree.map(lambda *a: np.stack(a, axis=1), *batches)
+
 def make_eval_batch(split, it):
     purpose = 'val' if split == 'val' else 'eval_train'
     starts = training.batch_indices(seed, purpose, it, num_tokens[split], block_size, (ranks * eval_per_device, batch_size))
@@ -342,6 +354,8 @@ if master_process:
           f"{micro_steps} micro-step(s) of batch_size {batch_size} per device{split}")
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
 micro_ids = training.micro_ids(ranks, row_split, micro_steps) # each micro-batch's (part's) dropout key
+# several iterations per compiled call for small models on CPU, where each call costs the devices time
+iters_per_call = training.iters_per_call(platform, flops_per_iter(gptconf, num_params, gradient_accumulation_steps * batch_size))
 eval_per_device = -(-eval_iters // ranks) # eval_iters batches spread over the ranks, the rest masked out
 
 # mixed precision: compute in dtype, master weights and optimizer state in fp32
@@ -378,18 +392,18 @@ def initial_state(key):
     initialisation's many small ops would be compiled on its own (3.5s for the README CPU model)."""
     return training.init_train_state(init_params(gptconf, key), optimizer, dtype, seed)
 
-print("compiling the training step...")
-train_step = training.pmap_train_step(training.make_train_step(gptconf, optimizer), all_devices)
+print("compiling the training step" + (f" ({iters_per_call} iterations per call)" if iters_per_call > 1 else "") + "...")
+train_step = training.pmap_train_chunk(training.make_train_chunk(training.make_train_step(gptconf, optimizer), iters_per_call), all_devices)
 eval_step = training.pmap_eval_step(training.make_eval_step(gptconf), all_devices)
 n_local = len(local_devices)
 abstract_state = training.with_device_axis(jax.eval_shape(
     lambda p: training.init_train_state(p, optimizer, dtype, seed), shapes), n_local)
-tokens_shape = jax.ShapeDtypeStruct((n_local, micro_steps, rows, block_size), np.int32)
-abstract_batch = training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((n_local, micro_steps), np.int32))
+tokens_shape = jax.ShapeDtypeStruct((n_local, iters_per_call, micro_steps, rows, block_size), np.int32)
+abstract_batch = training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((n_local, iters_per_call, micro_steps), np.int32))
 scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
 eval_batch_shape = jax.ShapeDtypeStruct((n_local, eval_per_device, rows, block_size), np.int32)
-train_axes, eval_axes = (0, 0, None, None), (0, 0, 0, 0)
-train_args = (abstract_state, abstract_batch, scalar(np.float32), scalar(np.int32))
+train_axes, eval_axes = (0, 0, None, None, None), (0, 0, 0, 0)
+train_args = (abstract_state, abstract_batch, jax.ShapeDtypeStruct((iters_per_call,), np.float32), scalar(np.int32), scalar(np.int32))
 eval_args = (abstract_state.params, eval_batch_shape, eval_batch_shape, jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
 jobs = {'train step': (train_step, global_shapes(train_axes, train_args)), 'eval step': (eval_step, global_shapes(eval_axes, eval_args))}
 if params is None:
@@ -473,12 +487,13 @@ def stop_diverged(it, what):
             f"the checkpoint in {out_dir} is untouched" if os.path.exists(on_disk) else "no checkpoint was written")
     die(f"iter {it}: {what}, training diverged and stops here; {kept}. Try a lower --learning_rate or --grad_clip")
 
-def loss_of(it, metrics):
-    """Waits for the step of iteration it and returns its loss; stops on nan/inf."""
-    lossf = float(np.asarray(metrics['loss'].addressable_shards[0].data).reshape(()))
-    if not math.isfinite(lossf):
-        stop_diverged(it, f"loss is {lossf}")
-    return lossf
+def losses_of(it, n, metrics):
+    """Waits for the chunk of iterations it .. it+n-1 and returns their losses; stops on nan/inf."""
+    losses = np.asarray(metrics['loss'].addressable_shards[0].data).reshape(-1)[:n].tolist()
+    for i, lossf in enumerate(losses):
+        if not math.isfinite(lossf):
+            stop_diverged(it + i, f"loss is {lossf}")
+    return losses
 
 # logging
 if wandb_log and master_process:
@@ -489,32 +504,37 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # training loop
-prefetch = training.Prefetcher(make_train_batch, local_devices, start=iter_num) # the first batches are on their way
+prefetch = training.Prefetcher(make_train_chunk, local_devices, start=iter_num, after=train_chunk_end) # the first batches are on their way
 t0 = time.time()
+t_done = t0 # when the last chunk was waited for
 iters_since_log = 0
 local_iter_num = 0 # number of iterations in the lifetime of this process
 running_mfu = -1.0
 peak_flops = device_peak_flops(local_devices[0]) or 312e12 # unknown devices (CPUs) are measured against an A100, as nanoGPT
-# the step of iteration it is waited for (and logged) only once the next one is dispatched, so the device
-# never idles while a step is dispatched (a pmap call takes ~1.4ms to return on the README CPU config; the
-# gain measured there is within noise, BENCHMARKS.md)
-in_flight = None # (iter, local_iter, metrics) of the step dispatched last
+# a chunk is waited for (and logged) only once the next one is dispatched, so the device never idles
+# while a call is dispatched (a pmap call takes ~1.4ms to return on the README CPU config; the gain
+# measured there is within noise, BENCHMARKS.md)
+in_flight = None # (first iter, iters, first local_iter, metrics) of the chunk dispatched last
 
-def finish(it, local_it, metrics):
-    """Waits for the step of iteration it, stops on nan/inf, and prints its log line when due."""
-    global t0, iters_since_log, running_mfu
-    # get loss as float. note: this is a CPU-device sync point (every process checks for nan)
-    lossf = loss_of(it, metrics)
-    iters_since_log += 1
-    if it % log_interval == 0:
-        t1 = time.time()
-        dt = (t1 - t0) / iters_since_log # mean over the iterations since the last log line
-        t0, iters_since_log = t1, 0
-        if master_process:
-            if local_it >= 5: # let the training loop settle a bit
-                mfu = estimate_mfu(gptconf, num_params, batch_size * micro_steps, dt, peak_flops)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
-            print(f"iter {it}: loss {lossf:.4f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
+def finish(it, n, local_it, metrics):
+    """Waits for the chunk of iterations it .. it+n-1, stops on nan/inf, and prints their log lines
+    when due, each iteration taking an equal share of the chunk's time."""
+    global t0, t_done, iters_since_log, running_mfu
+    # get losses as floats. note: this is a CPU-device sync point (every process checks for nan)
+    losses = losses_of(it, n, metrics)
+    t1 = time.time()
+    for i, lossf in enumerate(losses):
+        iters_since_log += 1
+        if (it + i) % log_interval == 0:
+            t_log = t_done + (t1 - t_done) * (i + 1) / n
+            dt = (t_log - t0) / iters_since_log # mean over the iterations since the last log line
+            t0, iters_since_log = t_log, 0
+            if master_process:
+                if local_it + i >= 5: # let the training loop settle a bit
+                    mfu = estimate_mfu(gptconf, num_params, batch_size * micro_steps, dt, peak_flops)
+                    running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
+                print(f"iter {it + i}: loss {lossf:.4f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
+    t_done = t1
 
 while True:
 
@@ -546,16 +566,19 @@ while True:
     if iter_num == 0 and eval_only:
         break
 
-    # forward, backward over all micro-batches, gradient average across devices and AdamW:
-    # one compiled call, dispatched asynchronously while the next batch is prepared
-    state, metrics = train_step(state, prefetch.get(iter_num), np.float32(lr), np.int32(iter_num))
+    # forward, backward over all micro-batches, gradient average across devices and AdamW, for each
+    # iteration of the chunk: one compiled call, dispatched asynchronously while the next batches are prepared
+    end = train_chunk_end(iter_num)
+    lrs = np.zeros(iters_per_call, np.float32)
+    lrs[:end - iter_num] = [get_lr(it) for it in range(iter_num, end)]
+    state, metrics = train_step(state, prefetch.get(iter_num), lrs, np.int32(iter_num), np.int32(end - iter_num))
 
-    # timing and logging, of the previous step
+    # timing and logging, of the previous chunk
     if in_flight is not None:
         finish(*in_flight)
-    in_flight = (iter_num, local_iter_num, metrics)
-    iter_num += 1
-    local_iter_num += 1
+    in_flight = (iter_num, end - iter_num, local_iter_num, metrics)
+    local_iter_num += end - iter_num
+    iter_num = end
 
     # termination conditions
     if iter_num > max_iters:

@@ -187,6 +187,48 @@ def pmap_train_step(train_step, devices=None):
     return jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,), devices=devices)
 
 
+# on a CPU the host shares its cores with the devices: every call of a small model's step costs a dispatch
+# and a wait whose time the devices lose (README CPU config, 1000 iterations of train.py: 8 iterations per
+# call took 0.94x the wall time of one per call, four alternating pairs, BENCHMARKS.md). A call of about
+# this many FLOPs amortises that
+CALL_FLOPS = 32e9
+MAX_ITERS_PER_CALL = 16
+
+
+def iters_per_call(platform, flops_per_iter):
+    """Iterations train.py runs per compiled call: 1 on GPU/TPU (asynchronous dispatch already hides
+    the host) and for big models; on a CPU as many as make ~CALL_FLOPS, up to MAX_ITERS_PER_CALL."""
+    if platform != 'cpu':
+        return 1
+    return int(max(1, min(MAX_ITERS_PER_CALL, CALL_FLOPS // max(flops_per_iter, 1))))
+
+
+def make_train_chunk(train_step, k):
+    """chunk(state, batches, lrs, iter0, n) -> (state, metrics): iterations iter0 .. iter0+n-1 (n <= k)
+    in one call, each exactly train_step with batches[i] (leading axis k, slots past n unused), lrs[i]
+    and iteration iter0+i. metrics: train_step's, each with a leading axis k (entries past n are zeros).
+    n is an argument, not a constant: chunks cut short at eval points need no second compile."""
+    def chunk(state, batches, lrs, iter0, n):
+        if k == 1:  # no loop at all: the plain step
+            state, metrics = train_step(state, jax.tree.map(lambda a: a[0], batches), lrs[0], iter0)
+            return state, jax.tree.map(lambda v: v[None], metrics)
+
+        def body(i, carry):
+            state, metrics = carry
+            state, m = train_step(state, jax.tree.map(lambda a: a[i], batches), lrs[i], iter0 + i)
+            return state, jax.tree.map(lambda acc, v: acc.at[i].set(v), metrics, m)
+        shapes = jax.eval_shape(train_step, state, jax.tree.map(lambda a: a[0], batches), lrs[0], iter0)[1]
+        metrics = jax.tree.map(lambda s: jnp.zeros((k,) + s.shape, s.dtype), shapes)
+        return lax.fori_loop(0, n, body, (state, metrics))
+    return chunk
+
+
+def pmap_train_chunk(chunk, devices=None):
+    """pmap_train_step for make_train_chunk: call with (replicated state, sharded batches of
+    shape (devices, k, ...), lrs (k,), iter0, n)."""
+    return jax.pmap(chunk, axis_name=AXIS, in_axes=(0, 0, None, None, None), donate_argnums=(0,), devices=devices)
+
+
 def make_eval_step(config, axis_name=AXIS):
     """eval_step(params, x_KBT, y_KBT, valid_K) -> sum over valid batches of the mean loss, summed
     over devices too: estimate_loss divides by the number of batches. No dropout (model.eval())."""
@@ -326,10 +368,11 @@ def get_batch(data, starts, block_size):
 class Prefetcher:
     """Makes batches on a background thread and copies them to the devices ahead of use
     (pin_memory + non_blocking's role). make(i) returns the pytree of numpy arrays for iteration
-    i; get(i) returns it on the devices. Iterations must be asked for in order from `start`."""
+    i; get(i) returns it on the devices. Iterations must be asked for in order from `start`, each
+    followed by after(i) (i + 1 unless given: train.py's chunks of iterations)."""
 
-    def __init__(self, make, devices, start, depth=2):
-        self._make, self._devices, self._next = make, devices, start
+    def __init__(self, make, devices, start, depth=2, after=lambda i: i + 1):
+        self._make, self._devices, self._next, self._after = make, devices, start, after
         self._queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(start,), daemon=True)
@@ -349,7 +392,7 @@ class Prefetcher:
                     pass
             if item[2] is not None:
                 return
-            i += 1
+            i = self._after(i)
 
     def get(self, i):
         if i != self._next:
@@ -357,7 +400,7 @@ class Prefetcher:
         got, batch, error = self._queue.get()
         if error is not None:
             raise error
-        self._next += 1
+        self._next = self._after(i)
         return batch
 
     def close(self):

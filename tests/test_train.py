@@ -342,6 +342,37 @@ def test_float16_step_and_dynamic_loss_scale(precision):
 # -----------------------------------------------------------------------------
 # data: the batch of iteration i is a pure function of (seed, i); windows are next-token pairs
 
+def test_train_chunk_runs_each_iteration_as_the_step_does():
+    """make_train_chunk: n iterations in one call (with dropout, its own batch, rate and iteration
+    number each) give what n calls of the step give; slots past n are not run."""
+    config, optimizer, state0, batch = one_step_setup('float32', tiny_config(dropout=0.1))
+    step = training.make_train_step(config, optimizer, axis_name=None)
+    k, n = 4, 3
+    x, y = tokens((k,) + batch.x.shape, 5), tokens((k,) + batch.y.shape, 6)
+    batches = training.Batch(x, y, np.broadcast_to(batch.micro, (k,) + batch.micro.shape))
+    lrs = np.array([1e-3, 5e-4, 2e-4, 7.0], np.float32)  # the last slot's rate would blow up if it ran
+    state, losses = state0, []
+    one = jit(step)
+    for i in range(n):
+        state, m = one(state, jax.tree.map(lambda a: a[i], batches), lrs[i], np.int32(10 + i))
+        losses.append(float(m['loss']))
+    chunk_state, metrics = jit(training.make_train_chunk(step, k))(state0, batches, lrs, np.int32(10), np.int32(n))
+    np.testing.assert_allclose(np.asarray(metrics['loss'])[:n], losses, rtol=1e-6)
+    assert len(set(losses)) == n  # three different iterations, not one repeated
+    assert float(metrics['loss'][n]) == 0.0 and adam_count(chunk_state.opt_state) == n
+    assert_trees_close(chunk_state.params, state.params, rtol=1e-5, atol=1e-7)
+    # k=1: the plain step, its metrics given a leading axis of one
+    single_state, single = jit(training.make_train_chunk(step, 1))(state0, jax.tree.map(lambda a: a[:1], batches), lrs[:1], np.int32(10), np.int32(1))
+    assert single['loss'].shape == (1,) and float(single['loss'][0]) == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_iters_per_call_only_batches_small_models_on_cpu():
+    assert training.iters_per_call('gpu', 1e6) == training.iters_per_call('tpu', 1e6) == 1
+    assert training.iters_per_call('cpu', 1e15) == 1  # GPT-2 sized steps: one per call
+    assert training.iters_per_call('cpu', training.CALL_FLOPS / 8) == 8
+    assert training.iters_per_call('cpu', 1.0) == training.MAX_ITERS_PER_CALL
+
+
 def test_batches_are_pure_functions_of_seed_and_iteration():
     n, T = 10_000, 16
     data = np.arange(n, dtype=np.uint16)  # token value = its position: windows are easy to check
@@ -417,6 +448,15 @@ def test_prefetcher_hands_out_iterations_in_order_and_raises_their_errors():
     try:
         with pytest.raises(ValueError, match='expected 0'):
             prefetch.get(1)
+    finally:
+        prefetch.close()
+    # chunks of iterations: each start is followed by after(start)
+    prefetch = training.Prefetcher(make, devices, start=0, after=lambda i: i + 2)
+    try:
+        for i in (0, 2):
+            np.testing.assert_array_equal(np.asarray(prefetch.get(i).x), i)
+        with pytest.raises(ValueError, match='expected 4'):
+            prefetch.get(5)
     finally:
         prefetch.close()
 
@@ -526,6 +566,21 @@ def wandb_records(path):
             records.append(record)
             chunk = b''
     return records
+
+
+def test_log_and_eval_lines_keep_nanogpts_order(uninterrupted):
+    """Several iterations per call on this CPU model, and still nanoGPT's loop: an eval at every
+    eval_interval before that iteration's step, one log line per iteration, in order."""
+    _, log = uninterrupted
+    m = re.search(r'compiling the training step \((\d+) iterations per call\)', log)
+    assert m and int(m[1]) > N  # chunks are cut at the evals
+    lines = re.findall(r'^(step|iter) (\d+):', log, re.M)
+    expected = []
+    for it in range(2 * N + 1):
+        if it % N == 0:
+            expected.append(('step', str(it)))
+        expected.append(('iter', str(it)))
+    assert lines == expected
 
 
 def test_wandb_offline_logs_nanogpt_keys(uninterrupted):
