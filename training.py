@@ -196,8 +196,9 @@ MAX_ITERS_PER_CALL = 16
 
 
 def iters_per_call(platform, flops_per_iter):
-    """Iterations train.py runs per compiled call: 1 on GPU/TPU (asynchronous dispatch already hides
-    the host) and for big models; on a CPU as many as make ~CALL_FLOPS, up to MAX_ITERS_PER_CALL."""
+    """Iterations train.py runs per compiled call: 1 on GPU/TPU (there the host has cores of its own
+    and dispatches ahead of the device) and for big models; on a CPU as many as make ~CALL_FLOPS,
+    up to MAX_ITERS_PER_CALL."""
     if platform != 'cpu':
         return 1
     return int(max(1, min(MAX_ITERS_PER_CALL, CALL_FLOPS // max(flops_per_iter, 1))))
