@@ -47,6 +47,7 @@ n_head = 12
 n_embd = 768
 vocab_size = 50304
 gradient_accumulation_steps = 1 # micro-batches per iteration (lax.scan inside the step)
+iters_per_call = 0 # as train.py: iterations per compiled call; 0: chosen as train.py chooses
 # benchmark
 burnin = 10 # iterations before timing starts (CPU default: 2)
 num_steps = 20 # timed iterations (CPU default: 8)
@@ -74,6 +75,8 @@ for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size
         die(f"{k}={globals()[k]} must be positive")
 if burnin < 0:
     die("burnin must be >= 0")
+if iters_per_call < 0:
+    die(f"iters_per_call={iters_per_call}: give a positive number, or 0 to choose as train.py does")
 
 platform_name, _, device_index = device.partition(':')
 platform = {'cuda': 'gpu', 'gpu': 'gpu', 'rocm': 'gpu', 'cpu': 'cpu', 'tpu': 'tpu'}.get(platform_name, platform_name)
@@ -111,14 +114,15 @@ except ValueError as e:
     die(str(e))
 devices = devices[:n_used]
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-iters_per_call = training.iters_per_call(
-    platform, flops_per_iter(gptconf, get_num_params(param_shapes(gptconf)), gradient_accumulation_steps * batch_size))
+if iters_per_call == 0:
+    iters_per_call = training.iters_per_call(
+        platform, flops_per_iter(gptconf, get_num_params(param_shapes(gptconf)), gradient_accumulation_steps * batch_size))
 print(f"{len(devices)} {platform} device(s) ({devices[0].device_kind}), dtype {dtype}, "
       f"{n_layer}L/{n_head}H/{n_embd}C, vocab {vocab_size}, batch_size {batch_size} x block_size {block_size} "
       f"x {gradient_accumulation_steps} micro-batch(es) = {tokens_per_iter:,} tokens/iter"
       + (f", each micro-batch's rows split over {row_split} host devices" if row_split > 1 else ""))
 if iters_per_call > 1:
-    print(f"jax: {iters_per_call} iterations per compiled call, as train.py runs this model here; times are per iteration")
+    print(f"jax: {iters_per_call} iterations per compiled call (train.py's choice here unless given); times are per iteration")
 
 # data: windows of data/<dataset>/train.bin as train.py reads them, else fixed random tokens
 data_path = os.path.join('data', dataset, 'train.bin')

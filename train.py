@@ -81,6 +81,7 @@ device = 'cuda' # 'cpu', 'cuda' (all local GPUs), 'cuda:0', 'tpu', ...: the JAX 
 dtype = 'auto' # 'float32', 'bfloat16', or 'float16' (dynamic loss scaling); 'auto': bfloat16 on GPU/TPU, float32 on CPU
 compile = True # kept for nanoGPT's command lines: JAX always compiles the step with XLA (see README)
 seed = 1337 # model init, batches and dropout are pure functions of the seed and the iteration
+iters_per_call = 0 # iterations per compiled call; 0: chosen here (several for small models on CPU, else 1)
 # -----------------------------------------------------------------------------
 config_keys = [k for k,v in globals().items() if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str))] # UPPER_CASE: constants
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read()) # overrides from command line or config file
@@ -191,6 +192,8 @@ if not compile:
 
 if gradient_accumulation_steps < 1 or batch_size < 1 or block_size < 1:
     die("gradient_accumulation_steps, batch_size and block_size must be positive")
+if iters_per_call < 0:
+    die(f"iters_per_call={iters_per_call}: give a positive number, or 0 to let train.py choose")
 
 if master_process:
     try: # fail now, not at the first checkpoint hours from now
@@ -355,7 +358,8 @@ if master_process:
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
 micro_ids = training.micro_ids(ranks, row_split, micro_steps) # each micro-batch's (part's) dropout key
 # several iterations per compiled call for small models on CPU, where each call costs the devices time
-iters_per_call = training.iters_per_call(platform, flops_per_iter(gptconf, num_params, gradient_accumulation_steps * batch_size))
+if iters_per_call == 0:
+    iters_per_call = training.iters_per_call(platform, flops_per_iter(gptconf, num_params, gradient_accumulation_steps * batch_size))
 eval_per_device = -(-eval_iters // ranks) # eval_iters batches spread over the ranks, the rest masked out
 
 # mixed precision: compute in dtype, master weights and optimizer state in fp32

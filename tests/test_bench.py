@@ -30,6 +30,8 @@ def test_bench_reports_and_compares_with_torch(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert 'using random tokens' not in out
+    assert re.search(r'jax: \d+ iterations per compiled call', out)  # a tiny model on CPU: several
+    assert re.search(r'calls of \d+ iterations', out)
     assert re.search(r'peak: [\d,.]+ GFLOP/s \(2048x2048 fp32 matmul measured now', out)
     for name in ('jax', r'torch \(eager\)'):
         m = re.search(name + r': compile ([\d.]+)s \| median ([\d.]+) ms/iter .*\| ([\d,]+) tokens/s \| MFU ([\d.]+)%', out)
@@ -45,9 +47,11 @@ def test_bench_reports_and_compares_with_torch(tmp_path):
 
 
 def test_bench_random_tokens_and_given_peak(tmp_path):
-    # no data/openwebtext here: random tokens, and it says so; a given peak is not measured
-    r = bench(tmp_path, '--peak_flops=1e12', '--num_steps=1')
+    # no data/openwebtext here: random tokens, and it says so; a given peak is not measured; one
+    # iteration per call (the GPU/TPU and big-model path)
+    r = bench(tmp_path, '--peak_flops=1e12', '--num_steps=1', '--iters_per_call=1')
     assert r.returncode == 0, r.stderr[-2000:]
+    assert 'iterations per compiled call' not in r.stdout and re.search(r'ms/iter \(.*, 1 iters\)', r.stdout)
     assert 'using random tokens' in r.stdout
     assert 'peak: 1,000.0 GFLOP/s (given by --peak_flops)' in r.stdout
     assert re.search(r'jax: compile [\d.]+s \| median [\d.]+ ms/iter', r.stdout)

@@ -583,6 +583,24 @@ def test_log_and_eval_lines_keep_nanogpts_order(uninterrupted):
     assert lines == expected
 
 
+def test_one_iteration_per_call_logs_the_same_losses(tmp_path, dataset, env, uninterrupted):
+    """--iters_per_call=1 (the GPU/TPU and big-model path): one step per call, the same losses and
+    eval losses as the chunked run, to the printed digits."""
+    _, log = uninterrupted
+    proc = train(dataset, str(tmp_path / 'out'), f'--max_iters={2 * N}', '--iters_per_call=1', env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'iterations per call' not in proc.stdout
+    assert logged(proc.stdout) == logged(log)
+    assert len(logged(log)[0]) == 2 * N + 1
+
+
+def test_negative_iters_per_call_is_one_line(tmp_path, dataset, env):
+    proc = train(dataset, str(tmp_path / 'out'), '--max_iters=2', '--iters_per_call=-1', env=env, cwd=str(tmp_path))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and 'iters_per_call=-1' in err[0], proc.stderr[-2000:]
+    assert 'compiling' not in proc.stdout
+
+
 def test_wandb_offline_logs_nanogpt_keys(uninterrupted):
     pytest.importorskip('wandb')
     work, log = uninterrupted
