@@ -362,7 +362,7 @@ def test_train_chunk_runs_each_iteration_as_the_step_does():
     assert float(metrics['loss'][n]) == 0.0 and adam_count(chunk_state.opt_state) == n
     assert_trees_close(chunk_state.params, state.params, rtol=1e-5, atol=1e-7)
     # k=1: the plain step, its metrics given a leading axis of one
-    single_state, single = jit(training.make_train_chunk(step, 1))(state0, jax.tree.map(lambda a: a[:1], batches), lrs[:1], np.int32(10), np.int32(1))
+    _, single = jit(training.make_train_chunk(step, 1))(state0, jax.tree.map(lambda a: a[:1], batches), lrs[:1], np.int32(10), np.int32(1))
     assert single['loss'].shape == (1,) and float(single['loss'][0]) == pytest.approx(losses[0], rel=1e-6)
 
 
