@@ -229,7 +229,8 @@ def jax_call(call):
 
 
 def jax_step(call):
-    """One timed call: batches to the devices, the step, the loss back (torch's loss.item()); time per iteration."""
+    """One timed call: batches made and sent to the devices, the step, the loss back (as torch_timed times
+    make_batch, the step and loss.item()); returns the time per iteration."""
     t0 = time.perf_counter()
     lossf = jax_call(call)
     return lossf, (time.perf_counter() - t0) / iters_per_call

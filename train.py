@@ -392,8 +392,8 @@ def local_view(compiled, in_axes):
     return run
 
 def initial_state(key):
-    """The train state from scratch, compiled alongside the steps: run op by op, each of the
-    initialisation's many small ops would be compiled on its own (3.5s for the README CPU model)."""
+    """The train state from scratch (model.init_params and the optimizer's zeros), one program compiled
+    alongside the steps rather than after them."""
     return training.init_train_state(init_params(gptconf, key), optimizer, dtype, seed)
 
 print("compiling the training step" + (f" ({iters_per_call} iterations per call)" if iters_per_call > 1 else "") + "...")

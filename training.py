@@ -14,6 +14,8 @@ The compiled pieces of training: everything train.py runs per iteration, importa
 One call of the step is one whole iteration on every device: forward and backward over the
 device's micro-batches (lax.scan, gradients summed in fp32), the gradient average across devices
 (lax.pmean, DDP's all-reduce), clipping, AdamW, and for float16 the dynamic loss scale.
+train.py and bench.py call it through make_train_chunk / pmap_train_chunk, which run
+iters_per_call(...) such iterations per call (several only for small models on a CPU).
 
 Data are pure functions of (seed, iteration, micro-batch index): batch_indices draws the window
 starts of all the iteration's micro-batches; a device (or process) reads only its own share.
