@@ -164,6 +164,36 @@ def test_loss_and_every_gradient_match_hf():
     check_grads(ours, hf_grads, f"bias={bias}")
 
 
+
+def test_blocked_attention_past_128_tokens_matches_hf(monkeypatch):
+    """On the CPU, sequences longer than model.ATTENTION_BLOCK run causal_attention_blocks (queries a
+    block at a time, the all-masked keys skipped). At T=300, two full blocks and a partial one, the
+    logits, the loss and every gradient still match HF's eager (T, T) attention."""
+    if jax.default_backend() != 'cpu':
+        pytest.skip("causal_attention_blocks is the CPU's path")
+    ref = hf()
+    blocks = []
+    real = model.causal_attention_blocks
+    monkeypatch.setattr(model, 'causal_attention_blocks', lambda *a: blocks.append(a[0].shape) or real(*a))
+    dims = dict(TINY, block_size=300)
+    config = GPTConfig(**dims, activation='gelu_new')
+    hf_model = ref.hf_model(**dims, activation='gelu_new', seed=30, untie=True)
+    params = model.from_state_dict(ref.nanogpt_state_dict(hf_model))
+    idx_BT, targets_BT = ref.make_inputs(config.vocab_size, 2, config.block_size, seed=6)
+    hf_logits, hf_loss = ref.logits_and_loss(hf_model, idx_BT, targets_BT)
+    hf_loss.backward()
+    hf_grads = ref.nanogpt_grads(hf_model)
+    hf_grads['transformer.wte.weight'] = hf_grads['transformer.wte.weight'] + hf_grads.pop('lm_head.weight')
+
+    d_logits = max_abs(full_logits(config, params, idx_BT), hf_logits.detach().numpy())
+    loss, ours = grads_as_state_dict(config, params, jnp.asarray(idx_BT), jnp.asarray(targets_BT))
+    assert blocks and all(shape[1] == 300 for shape in blocks), f"blocked path not taken: {blocks}"
+    print(f"\nT=300, blocks of {model.ATTENTION_BLOCK}: logits max|Δ| {d_logits:.2e}, "
+          f"loss |Δ| {abs(loss - hf_loss.item()):.2e}")
+    assert d_logits <= LOGITS_TOL, f"logits max|Δ| {d_logits:.2e}"
+    assert abs(loss - hf_loss.item()) <= 1e-5
+    check_grads(ours, hf_grads, "T=300")
+
 def rbg_key(seed):
     """A dropout key of the 'rbg' kind: with threefry keys XLA's CPU compiler spends ~10 s on each
     dropout model here, and which bit generator feeds hk.dropout does not matter to these tests."""
