@@ -469,18 +469,8 @@ def configure_optimizers(params, weight_decay, learning_rate, betas, device_type
     def make(learning_rate):
         adamw = optax.adamw(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay,
                             mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
-        return optax.chain(clip_grad_norm(grad_clip), adamw) if grad_clip > 0.0 else adamw
+        return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0.0 else adamw
     return optax.inject_hyperparams(make)(learning_rate=learning_rate)
-
-
-def clip_grad_norm(max_norm):
-    """torch.nn.utils.clip_grad_norm_ as an optax transformation: gradients times
-    min(1, max_norm / (global norm + 1e-6)). A multiply, where optax's clip_by_global_norm divides: XLA
-    fuses a multiply into each update that reads the gradient, but gives a divide a pass of its own."""
-    def update(grads, state, params=None):
-        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(grads) + 1e-6))
-        return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 # dense bf16 peak FLOP/s by device kind (substring of jax's device_kind)
