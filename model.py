@@ -175,7 +175,7 @@ ATTENTION_BLOCK = 128  # query rows per block of causal_attention_blocks (CPU, T
 def causal_attention_blocks(q_BTHD, k_BTHD, v_BTHD, block):
     """Causal attention a block of queries at a time: queries i..i+block-1 meet keys 0..i+block-1
     only, because every later key would get weight exp(-inf) = 0. The same result as the full (T, T)
-    scores without computing the masked upper blocks (GPT-2 124M's CPU step at T=256: ~3% faster,
+    scores without computing the masked upper blocks (GPT-2 124M's CPU step at T=256: ~2% faster,
     BENCHMARKS.md)."""
     T = q_BTHD.shape[1]
     y = []
