@@ -54,8 +54,10 @@ def matmul(x_NI, w_IO):
     up to rounding; the difference is where the transpose lands. For x^T g, XLA:CPU transposes g (N x O, the big
     one) inside the elementwise fusion that produces it (the GELU or LayerNorm backward), a strided
     write that took a third of the README CPU config's training step; here only the small (O, I)
-    result is transposed (step 1.5x faster, BENCHMARKS.md). N stands for any leading dims. Used on
-    CPU only: the GPU timings were taken with autodiff's form, and this one has not been timed there."""
+    result is transposed (step 1.5x faster, BENCHMARKS.md). For the tied lm_head (w = wte^T), (g^T x)
+    is wte's gradient in wte's own layout, where autodiff had XLA transpose the (N, V) logit gradient.
+    N stands for any leading dims. Used on CPU only (see dense): the GPU timings were taken with
+    autodiff's form, and this one has not been timed there."""
     return x_NI @ w_IO
 
 
@@ -72,6 +74,11 @@ def _matmul_bwd(res, g_NO):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def dense(x_NI, w_IO):
+    """x @ w for Linear and the tied lm_head: model.matmul on CPU, plain on GPU/TPU (as timed there)."""
+    return matmul(x_NI, w_IO) if jax.default_backend() == 'cpu' else x_NI @ w_IO
+
+
 class Linear(hk.Module):
     """nn.Linear with nanoGPT's init; weight stored (in, out)."""
 
@@ -83,8 +90,7 @@ class Linear(hk.Module):
 
     def __call__(self, x):
         w = hk.get_parameter('weight', (x.shape[-1], self.out_features), init=hk.initializers.RandomNormal(self.std))
-        w = w.astype(x.dtype)
-        y = matmul(x, w) if jax.default_backend() == 'cpu' else x @ w  # GPU/TPU: as timed in BENCHMARKS.md
+        y = dense(x, w.astype(x.dtype))
         if self.use_bias:
             y = y + hk.get_parameter('bias', (self.out_features,), init=jnp.zeros).astype(x.dtype)
         return y
@@ -104,7 +110,7 @@ class Embedding(hk.Module):
         return jnp.take(self._weight(), idx, axis=0)
 
     def attend(self, x):
-        return x @ self._weight().astype(x.dtype).T
+        return dense(x, self._weight().astype(x.dtype).T)
 
 
 class LayerNorm(hk.Module):
