@@ -164,7 +164,6 @@ def test_loss_and_every_gradient_match_hf():
     check_grads(ours, hf_grads, f"bias={bias}")
 
 
-
 def test_blocked_attention_past_128_tokens_matches_hf(monkeypatch):
     """On the CPU, sequences longer than model.ATTENTION_BLOCK run causal_attention_blocks (queries a
     block at a time, the all-masked keys skipped). At T=300, two full blocks and a partial one, the
@@ -193,6 +192,7 @@ def test_blocked_attention_past_128_tokens_matches_hf(monkeypatch):
     assert d_logits <= LOGITS_TOL, f"logits max|Δ| {d_logits:.2e}"
     assert abs(loss - hf_loss.item()) <= 1e-5
     check_grads(ours, hf_grads, "T=300")
+
 
 def rbg_key(seed):
     """A dropout key of the 'rbg' kind: with threefry keys XLA's CPU compiler spends ~10 s on each
