@@ -156,6 +156,9 @@ def softmax_attention(q_BTHD, k_BSHD, v_BSHD, mask_TS, dropout=0.0, is_training=
     return jnp.einsum('bhts,bshd->bthd', att_BHTS, v_BSHD)
 
 
+ATTENTION_BLOCK = 128  # query rows per block of causal_attention_blocks (CPU, T > 128); 64 and 32 timed no better
+
+
 def causal_attention(q_BTHD, k_BTHD, v_BTHD):
     """Causal softmax attention, scaled by 1/sqrt(D). On a GPU in half precision, cuDNN's fused
     (flash) kernel: XLA's default writes out the (T, T) scores, and made the whole GPT-2 124M
@@ -173,9 +176,6 @@ def causal_attention(q_BTHD, k_BTHD, v_BTHD):
     if q_BTHD.dtype == jnp.float16:
         return softmax_attention(q_BTHD, k_BTHD, v_BTHD, jnp.tril(jnp.ones((T, T), dtype=bool)))
     return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True)
-
-
-ATTENTION_BLOCK = 128  # query rows per block of causal_attention_blocks (CPU, T > 128); 64 and 32 timed no better
 
 
 def causal_attention_blocks(q_BTHD, k_BTHD, v_BTHD, block):
