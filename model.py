@@ -79,6 +79,38 @@ def dense(x_NI, w_IO):
     return matmul(x_NI, w_IO) if jax.default_backend() == 'cpu' else x_NI @ w_IO
 
 
+def written_out(y, like):
+    """y, divided by an exact 1 built from `like` (same shape; 1 whether like is NaN or not). A float divide is
+    an expensive op to XLA:CPU's fusion, so y is computed once and written to memory, where XLA would
+    otherwise recompute a chain of cheap elementwise ops inside every consumer (BENCHMARKS.md). The 1 is a
+    whole array because XLA turns a divide by a broadcast scalar into a multiply, which it recomputes."""
+    return y / ((like == like).astype(y.dtype) + (like != like).astype(y.dtype))
+
+
+@jax.custom_vjp
+def _grad_written_out(x):
+    return x
+
+
+def _grad_written_out_fwd(x):
+    return x, x
+
+
+def _grad_written_out_bwd(x, g):
+    return (written_out(g, x),)
+
+
+_grad_written_out.defvjp(_grad_written_out_fwd, _grad_written_out_bwd)
+
+
+def residual(x):
+    """A point on the residual stream: x itself, whose gradient is written out once on CPU. Without this
+    XLA:CPU fused the backward's running sum of residual-stream gradients into each of its consumers:
+    every layer's LayerNorm backward recomputed those of all the layers above it (fusions of ~800 ops in
+    GPT-2 124M's step, BENCHMARKS.md). CPU only, as dense."""
+    return _grad_written_out(x) if jax.default_backend() == 'cpu' else x
+
+
 class Linear(hk.Module):
     """nn.Linear with nanoGPT's init; weight stored (in, out)."""
 
@@ -251,9 +283,10 @@ class Block(hk.Module):
         self.config = config
 
     def __call__(self, x_BTC, is_training=False, kv=None, pos=None):
+        x_BTC = residual(x_BTC)
         y_BTC, new_kv = CausalSelfAttention(self.config, name='attn')(
             LayerNorm(self.config.bias, name='ln_1')(x_BTC), is_training, kv, pos)
-        x_BTC = x_BTC + y_BTC
+        x_BTC = residual(x_BTC + y_BTC)
         x_BTC = x_BTC + MLP(self.config, name='mlp')(LayerNorm(self.config.bias, name='ln_2')(x_BTC), is_training)
         return x_BTC, new_kv
 

@@ -412,6 +412,19 @@ def test_matmul_custom_vjp_equals_autodiff():
     np.testing.assert_array_equal(np.asarray(model.matmul(x_BTI, w_IO)), np.asarray(x_BTI @ w_IO))
 
 
+def test_written_out_is_exact_whatever_like_holds():
+    """model.written_out(y, like) is y bit for bit, and so is the residual stream's gradient, also where
+    `like` is NaN or infinite (a 1 made as like * 0 + 1 would turn those gradients into NaN)."""
+    y = jnp.asarray([1.5, -0.0, 3e-38, -7.25, np.inf, np.nan, 2.0], jnp.float32)
+    like = jnp.asarray([0.3, np.nan, np.inf, -np.inf, 1.0, 2.0, -0.0], jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = jax.jit(model.written_out)(y.astype(dtype), like.astype(dtype))
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(y.astype(dtype), np.float32))
+    _, vjp = jax.vjp(model.residual, like)
+    np.testing.assert_array_equal(np.asarray(jax.jit(vjp)(y)[0]), np.asarray(y))
+
+
 def test_import_model_does_not_import_torch():
     code = "import sys, model; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
