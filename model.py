@@ -498,7 +498,8 @@ def configure_optimizers(params, weight_decay, learning_rate, betas, device_type
     """optax AdamW (torch.optim.AdamW semantics, eps 1e-8) with weight decay on >=2-D parameters
     only, after global-norm clipping when grad_clip > 0. The learning rate is an injected
     hyperparameter: set opt_state.hyperparams['learning_rate'] each step, as nanoGPT sets
-    param_group['lr']. device_type is accepted for nanoGPT's signature; XLA fuses the update anyway."""
+    param_group['lr']. device_type picks the implementation, as nanoGPT's picks fused AdamW on cuda: on
+    'cpu' scale_by_adam_written_out (same formulas and state as optax.adamw's), elsewhere optax.adamw."""
     leaves = jax.tree.leaves(params)
     decay = [p for p in leaves if p.ndim >= 2]
     nodecay = [p for p in leaves if p.ndim < 2]
@@ -506,10 +507,43 @@ def configure_optimizers(params, weight_decay, learning_rate, betas, device_type
     print(f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.size for p in nodecay):,} parameters")
 
     def make(learning_rate):
-        adamw = optax.adamw(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay,
-                            mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
-        return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0.0 else adamw
+        mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+        if device_type == 'cpu':  # optax.adamw's chain, its moments written out once (scale_by_adam_written_out)
+            adamw = optax.chain(scale_by_adam_written_out(betas[0], betas[1], 1e-8),
+                                optax.add_decayed_weights(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+        else:
+            adamw = optax.adamw(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay, mask=mask)
+        return optax.chain(clip_grad_norm(grad_clip), adamw) if grad_clip > 0.0 else adamw
     return optax.inject_hyperparams(make)(learning_rate=learning_rate)
+
+
+def clip_grad_norm(max_norm):
+    """torch.nn.utils.clip_grad_norm_ as an optax transformation: every gradient times
+    min(1, max_norm / (global norm + 1e-6)). optax.clip_by_global_norm's select of g or g / norm has
+    XLA:CPU write the clipped gradient out (a divide); a multiply fuses into the moments' updates."""
+    def update(updates, state, params=None):
+        coef = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+    return optax.GradientTransformation(optax.clip_by_global_norm(max_norm).init, update)
+
+
+def scale_by_adam_written_out(b1, b2, eps):
+    """optax.scale_by_adam's moments and state, with the new moments written out (written_out) before the
+    update reads them, and torch AdamW's arrangement of the bias corrections. optax's form has XLA:CPU
+    recompute the new moments from the old ones inside the update's fusion, so the old moments must outlive
+    the in-place write of the new ones: XLA copies both every step, and the update reads g, m and v again."""
+    adam = optax.scale_by_adam(b1, b2, eps)
+
+    def update(updates, state, params=None):
+        mu = jax.tree.map(written_out, optax.tree.update_moment(updates, state.mu, b1, 1), state.mu)
+        nu = jax.tree.map(written_out, optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2), state.nu)
+        count = optax.safe_increment(state.count)
+        bc1, bc2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+        # torch's arrangement: dividing the moments themselves by the bias corrections, XLA's simplifier
+        # merged that divide with written_out's, and the update recomputed the moments again
+        updates = jax.tree.map(lambda m, v: (m * (1 / bc1)) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps), mu, nu)
+        return updates, optax.ScaleByAdamState(count, mu, nu)
+    return optax.GradientTransformation(adam.init, update)
 
 
 # dense bf16 peak FLOP/s by device kind (substring of jax's device_kind)

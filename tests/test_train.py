@@ -97,8 +97,11 @@ def test_get_lr_matches_nanogpt_formula(warmup, decay_iters):
 # -----------------------------------------------------------------------------
 # AdamW: model.configure_optimizers against torch.optim.AdamW + clip_grad_norm_
 
+@pytest.mark.parametrize('device_type', ['cpu', 'cuda'])
 @pytest.mark.parametrize('grad_clip', [1.0, 0.0])
-def test_adamw_matches_torch(grad_clip):
+def test_adamw_matches_torch(grad_clip, device_type):
+    """Both of configure_optimizers' AdamWs (cpu: moments written out; else optax.adamw) step like
+    torch.optim.AdamW, and keep the same state layout, so a checkpoint resumes on either device."""
     torch = pytest.importorskip('torch')
     rng = np.random.default_rng(1)
     # Haiku-shaped parameters: 2-D weights and embeddings decay, 1-D biases and gains do not
@@ -112,9 +115,11 @@ def test_adamw_matches_torch(grad_clip):
     grads_per_step = [jax.tree.map(lambda p, s=s: np.asarray(rng.normal(0, s, p.shape), np.float32), params)
                       for s in (2.0, 0.01, 1.0, 0.05, 3.0, 0.2, 0.02, 5.0)]
 
-    optimizer = model.configure_optimizers(params, wd, lr_max, betas, 'cpu', grad_clip)
+    optimizer = model.configure_optimizers(params, wd, lr_max, betas, device_type, grad_clip)
     state = optimizer.init(params)
     ours = params
+    other = model.configure_optimizers(params, wd, lr_max, betas, {'cpu': 'cuda', 'cuda': 'cpu'}[device_type], grad_clip)
+    assert jax.tree.structure(other.init(params)) == jax.tree.structure(state)
 
     @jax.jit
     def step(ours, state, grads, lr):
