@@ -60,6 +60,7 @@ _defaults = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 _given = {k for k in config_keys if globals()[k] != _defaults[k] or any(a.startswith(f'--{k}=') for a in sys.argv[1:])}
 training.use_host_devices() # as train.py: on CPU one device per core (up to 2), before JAX starts its backends
+freed_kept = training.keep_freed_memory(device) # as train.py: on CPU, freed buffers stay for the next step
 # -----------------------------------------------------------------------------
 
 
@@ -322,6 +323,8 @@ if compare == 'torch':
     torch_med = report("torch" + (" (torch.compile)" if compile else " (eager)"), torch_compile_s, times['torch'])
     print(f"jax/torch: {torch_med / jax_med:.2f}x the tokens/s of torch (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; jax {jax.__version__})")
+    if freed_kept:  # one process: torch's big tensors are malloc'd under the same settings
+        print("(torch shares this process's malloc settings, training.keep_freed_memory: they speed its step up too)")
 
 stats = devices[0].memory_stats() or {}
 if stats.get('peak_bytes_in_use'):
