@@ -280,8 +280,8 @@ def keep_freed_memory(device):
     """Call before JAX starts its backends. glibc's malloc serves a big block (above 32 MB) with a fresh
     mmap and unmaps it when it is freed, so every call of a compiled step page-faults its temporary
     buffer in again (GPT-2 124M at B=2, T=256: 945 MB, 243K page faults per step, ~10% of the step,
-    BENCHMARKS.md). One malloc arena for all threads, no mmap, and no trimming of free memory below 2 GiB
-    keep such blocks in the heap for the next call. Only for a run on the CPU (device 'cpu', or no GPU/TPU
+    BENCHMARKS.md). One malloc arena for all threads, no mmap, and no trimming of the heap keep such blocks
+    for the next call (the process holds on to its peak memory). Only for a run on the CPU (device 'cpu', or no GPU/TPU
     plugin for JAX installed) and with glibc; returns whether it was applied."""
     accelerator = (any(True for _ in importlib.metadata.entry_points(group='jax_plugins'))
                    or any(importlib.util.find_spec(m) is not None for m in ('jax_plugins', 'libtpu')))
@@ -292,7 +292,7 @@ def keep_freed_memory(device):
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
-    return all(mallopt(k, v) == 1 for k, v in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+    return all(mallopt(k, v) == 1 for k, v in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))  # -1: never trim
 
 
 class DevicePlan(NamedTuple):
