@@ -499,7 +499,8 @@ def configure_optimizers(params, weight_decay, learning_rate, betas, device_type
     only, after global-norm clipping when grad_clip > 0. The learning rate is an injected
     hyperparameter: set opt_state.hyperparams['learning_rate'] each step, as nanoGPT sets
     param_group['lr']. device_type picks the implementation, as nanoGPT's picks fused AdamW on cuda: on
-    'cpu' scale_by_adam_written_out (same formulas and state as optax.adamw's), elsewhere optax.adamw."""
+    'cpu' scale_by_adam_written_out (optax.adamw's state, torch's arrangement of the bias corrections),
+    elsewhere optax.adamw. Clipping is torch's formula (clip_grad_norm) on every device."""
     leaves = jax.tree.leaves(params)
     decay = [p for p in leaves if p.ndim >= 2]
     nodecay = [p for p in leaves if p.ndim < 2]

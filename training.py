@@ -3,7 +3,7 @@ The compiled pieces of training: everything train.py runs per iteration, importa
 (bench.py times exactly this step). train.py is the readable script around these functions.
 
     policy    = set_precision('bfloat16')                 # jmp policy on model.GPT (autocast's role)
-    optimizer = model.configure_optimizers(params, weight_decay, learning_rate, (beta1, beta2), grad_clip=grad_clip)
+    optimizer = model.configure_optimizers(params, weight_decay, learning_rate, (beta1, beta2), platform, grad_clip)
     state     = init_train_state(params, optimizer, 'bfloat16', seed)          # TrainState, one copy
     step      = pmap_train_step(make_train_step(config, optimizer))            # jax.pmap, state donated
     state     = replicate(state, devices)                                      # one copy per device
@@ -280,9 +280,9 @@ def keep_freed_memory(device):
     """Call before JAX starts its backends. glibc's malloc serves a big block (above 32 MB) with a fresh
     mmap and unmaps it when it is freed, so every call of a compiled step page-faults its temporary
     buffer in again (GPT-2 124M at B=2, T=256: 945 MB, 243K page faults per step, ~10% of the step,
-    BENCHMARKS.md). One malloc arena for all threads, no mmap, and no trimming of the heap keep such blocks
-    for the next call (the process holds on to its peak memory). Only for a run on the CPU (device 'cpu', or no GPU/TPU
-    plugin for JAX installed) and with glibc; returns whether it was applied."""
+    BENCHMARKS.md). One malloc arena for all threads, no mmap, and no trimming of the heap keep such
+    blocks for the next call (the process holds on to its peak memory). Only for a run on the CPU (device
+    'cpu', or no GPU/TPU plugin for JAX installed) and with glibc; returns whether it was applied."""
     accelerator = (any(True for _ in importlib.metadata.entry_points(group='jax_plugins'))
                    or any(importlib.util.find_spec(m) is not None for m in ('jax_plugins', 'libtpu')))
     if device.partition(':')[0] != 'cpu' and accelerator:
