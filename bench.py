@@ -60,7 +60,7 @@ _defaults = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 _given = {k for k in config_keys if globals()[k] != _defaults[k] or any(a.startswith(f'--{k}=') for a in sys.argv[1:])}
 training.use_host_devices() # as train.py: on CPU one device per core (up to 2), before JAX starts its backends
-freed_kept = training.keep_freed_memory(device) # as train.py: on CPU, freed buffers stay for the next step
+freed_kept = training.keep_freed_memory(device, n_layer, n_embd) # as train.py: on CPU for big models, freed buffers stay for the next step
 # -----------------------------------------------------------------------------
 
 

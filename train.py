@@ -88,7 +88,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in config_keys} # will be useful for logging
 # -----------------------------------------------------------------------------
 training.use_host_devices() # on CPU, one device per core (up to 2): must come before JAX starts its backends
-training.keep_freed_memory(device) # on CPU, freed buffers stay for the next step (no page faults): before JAX starts too
+training.keep_freed_memory(device, n_layer, n_embd) # on CPU for big models, freed buffers stay for the next step: before JAX starts too
 
 def die(msg):
     """Known bad input or state: one clear line on stderr, non-zero exit, nothing half-done."""

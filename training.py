@@ -276,16 +276,18 @@ def use_host_devices(n=HOST_DEVICES):
     jax.config.update('jax_num_cpu_devices', max(1, min(n, cores)))
 
 
-def keep_freed_memory(device):
+def keep_freed_memory(device, n_layer, n_embd):
     """Call before JAX starts its backends. glibc's malloc serves a big block (above 32 MB) with a fresh
     mmap and unmaps it when it is freed, so every call of a compiled step page-faults its temporary
     buffer in again (GPT-2 124M at B=2, T=256: 945 MB, 243K page faults per step, ~10% of the step,
     BENCHMARKS.md). One malloc arena for all threads, no mmap, and no trimming of the heap keep such
     blocks for the next call (the process holds on to its peak memory). Only for a run on the CPU (device
-    'cpu', or no GPU/TPU plugin for JAX installed) and with glibc; returns whether it was applied."""
+    'cpu', or no GPU/TPU plugin for JAX installed), with glibc, and for models too big for host devices
+    (12 * n_layer * n_embd**2 parameters, before the vocabulary is known): there the two devices' programs
+    contend for the one arena (README config: iterations 37-38 -> 42-44 ms). Returns whether it applied."""
     accelerator = (any(True for _ in importlib.metadata.entry_points(group='jax_plugins'))
                    or any(importlib.util.find_spec(m) is not None for m in ('jax_plugins', 'libtpu')))
-    if device.partition(':')[0] != 'cpu' and accelerator:
+    if (device.partition(':')[0] != 'cpu' and accelerator) or 12 * n_layer * n_embd ** 2 <= HOST_DEVICES_MAX_PARAMS:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
