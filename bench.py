@@ -159,12 +159,14 @@ def jax_chunk(call):
     return jax.tree.map(lambda *a: np.stack(a, axis=1), *[jax_batch(it) for it in its])
 
 
-def measure_matmul_peak(n=2048, reps=5):
-    """FLOP/s of an n x n fp32 matmul on the device: the best of a few runs."""
+def measure_matmul_peak(n=2048, reps=10):
+    """FLOP/s of an n x n fp32 matmul on the device: the best of several runs (on a shared CPU host a
+    run of 5 after one warm-up call measured as low as ~100 of ~195 GFLOP/s, BENCHMARKS.md)."""
     with jax.default_device(devices[0]):
         a = jnp.ones((n, n), jnp.float32)
         f = jax.jit(lambda a, b: a @ b)
-        f(a, a).block_until_ready()
+        for _ in range(2):
+            f(a, a).block_until_ready()
         best = float('inf')
         for _ in range(reps):
             t0 = time.perf_counter()
