@@ -285,10 +285,11 @@ def keep_freed_memory(device, n_layer, n_embd):
     'cpu', or no GPU/TPU plugin for JAX installed), with glibc, and for models too big for host devices
     (12 * n_layer * n_embd**2 parameters, before the vocabulary is known): there the two devices' programs
     contend for the one arena (README config: iterations 37-38 -> 42-44 ms). Returns whether it applied."""
-    accelerator = (any(True for _ in importlib.metadata.entry_points(group='jax_plugins'))
-                   or any(importlib.util.find_spec(m) is not None for m in ('jax_plugins', 'libtpu')))
-    if (device.partition(':')[0] != 'cpu' and accelerator) or 12 * n_layer * n_embd ** 2 <= HOST_DEVICES_MAX_PARAMS:
+    if 12 * n_layer * n_embd ** 2 <= HOST_DEVICES_MAX_PARAMS:
         return False
+    if device.partition(':')[0] != 'cpu' and (any(True for _ in importlib.metadata.entry_points(group='jax_plugins'))
+                                               or any(importlib.util.find_spec(m) for m in ('jax_plugins', 'libtpu'))):
+        return False  # an accelerator may take the run
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
