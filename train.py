@@ -398,18 +398,18 @@ def initial_state(key):
     return training.init_train_state(init_params(gptconf, key), optimizer, dtype, seed)
 
 print("compiling the training step" + (f" ({iters_per_call} iterations per call)" if iters_per_call > 1 else "") + "...")
-train_step = training.pmap_train_chunk(training.make_train_chunk(training.make_train_step(gptconf, optimizer), iters_per_call), all_devices)
-eval_step = training.pmap_eval_step(training.make_eval_step(gptconf), all_devices)
+train_step = training.parallel_train_chunk(training.make_train_chunk(training.make_train_step(gptconf, optimizer), iters_per_call), all_devices)
+eval_step = training.parallel_eval_step(training.make_eval_step(gptconf), all_devices)
 n_local = len(local_devices)
-abstract_state = training.with_device_axis(jax.eval_shape(
-    lambda p: training.init_train_state(p, optimizer, dtype, seed), shapes), n_local)
-tokens_shape = jax.ShapeDtypeStruct((n_local, iters_per_call, micro_steps, rows, block_size), np.int32)
-abstract_batch = training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((n_local, iters_per_call, micro_steps), np.int32))
+abstract_state = training.replica_shapes(jax.eval_shape(
+    lambda p: training.init_train_state(p, optimizer, dtype, seed), shapes), local_devices)
+tokens_shape = jax.ShapeDtypeStruct((iters_per_call, micro_steps, rows, block_size), np.int32)
+abstract_batch = training.with_device_axis(training.Batch(tokens_shape, tokens_shape, jax.ShapeDtypeStruct((iters_per_call, micro_steps), np.int32)), local_devices)
 scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-eval_batch_shape = jax.ShapeDtypeStruct((n_local, eval_per_device, rows, block_size), np.int32)
+eval_batch_shape = jax.ShapeDtypeStruct((eval_per_device, rows, block_size), np.int32)
 train_axes, eval_axes = (0, 0, None, None, None), (0, 0, 0, 0)
 train_args = (abstract_state, abstract_batch, jax.ShapeDtypeStruct((iters_per_call,), np.float32), scalar(np.int32), scalar(np.int32))
-eval_args = (abstract_state.params, eval_batch_shape, eval_batch_shape, jax.ShapeDtypeStruct((n_local, eval_per_device), np.bool_))
+eval_args = (abstract_state.params, *training.with_device_axis((eval_batch_shape, eval_batch_shape, jax.ShapeDtypeStruct((eval_per_device,), np.bool_)), local_devices))
 jobs = {'train step': (train_step, global_shapes(train_axes, train_args)), 'eval step': (eval_step, global_shapes(eval_axes, eval_args))}
 if params is None:
     jobs['initial state'] = (jax.jit(initial_state, out_shardings=jax.sharding.SingleDeviceSharding(local_devices[0])),
@@ -475,7 +475,7 @@ last_saved = None # iteration of the checkpoint this run wrote last
 
 def save(iter_num, best_val_loss):
     global last_saved
-    host = training.unreplicate(state)
+    host = training.unreplicate(state, local_devices)
     arrays = {**params_to_arrays(host.params), **flatten(host.opt_state, 'optimizer'), **flatten(host.loss_scale, 'loss_scale')}
     meta = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'config': config, 'seed': seed, 'dtype': dtype}

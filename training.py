@@ -5,7 +5,7 @@ The compiled pieces of training: everything train.py runs per iteration, importa
     policy    = set_precision('bfloat16')                 # jmp policy on model.GPT (autocast's role)
     optimizer = model.configure_optimizers(params, weight_decay, learning_rate, (beta1, beta2), platform, grad_clip)
     state     = init_train_state(params, optimizer, 'bfloat16', seed)          # TrainState, one copy
-    step      = pmap_train_step(make_train_step(config, optimizer))            # jax.pmap, state donated
+    step      = parallel_train_step(make_train_step(config, optimizer), devices)  # state donated
     state     = replicate(state, devices)                                      # one copy per device
     plan      = plan_devices(len(devices), 1, accumulation, batch_size, platform, num_params)
     batch     = shard(Batch(x, y, micro), devices)    # x, y: arrange()d, (devices, micro_steps, rows, block_size)
@@ -14,8 +14,9 @@ The compiled pieces of training: everything train.py runs per iteration, importa
 One call of the step is one whole iteration on every device: forward and backward over the
 device's micro-batches (lax.scan, gradients summed in fp32), the gradient average across devices
 (lax.pmean, DDP's all-reduce), clipping, AdamW, and for float16 the dynamic loss scale.
-train.py and bench.py call it through make_train_chunk / pmap_train_chunk, which run
-iters_per_call(...) such iterations per call (several only for small models on a CPU).
+train.py and bench.py call it through make_train_chunk / parallel_train_chunk, which run
+iters_per_call(...) such iterations per call (several only for small models on a CPU), compiled by
+over_devices (jax.pmap; on a single device jax.jit).
 
 Data are pure functions of (seed, iteration, micro-batch index): batch_indices draws the window
 starts of all the iteration's micro-batches; a device (or process) reads only its own share.
@@ -186,10 +187,45 @@ def make_train_step(config, optimizer, axis_name=AXIS):
     return train_step
 
 
-def pmap_train_step(train_step, devices=None):
-    """jax.pmap over the devices (all local ones by default); state is donated, so its buffers are
-    reused for the new state. Call with (replicated state, sharded batch, lr, iter_num)."""
-    return jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,), devices=devices)
+def parallel_train_step(train_step, devices):
+    """train_step over a run's devices (over_devices); the state is donated, so its buffers are reused for
+    the new state. Call with (replicate()d state, sharded batch, lr, iter_num)."""
+    return over_devices(train_step, devices, (REPLICA, 0, None, None), (REPLICA, 0), donate_argnums=(0,))
+
+
+REPLICA = 'replica'  # over_devices' axis for the train state: one copy of it on every device
+
+
+def single_device(devices):
+    """Whether a run is one device in one process (devices: this process's or all the run's): its steps are
+    then not pmapped and its state has no device axis (over_devices)."""
+    return len(devices) == 1 and jax.process_count() == 1
+
+
+def over_devices(fn, devices, in_axes, out_axes, donate_argnums=()):
+    """fn on each of a run's devices, DDP's way, compiled: the state (axis REPLICA) one copy on every device,
+    batches (axis 0) split along their leading device axis, None broadcast; fn sees one device's part (and
+    collectives over AXIS). Outputs other than the state come back with a leading device axis. Over several
+    devices jax.pmap (the state with a leading device axis too); over a single device jax.jit of a
+    jax.shard_map on it, the state without that axis: under pmap XLA copied every donated state buffer after
+    the update, pmap's per-device arrays being views without the axis (GPT-2 124M on a CPU: 228 copies, ~5%
+    of the step, BENCHMARKS.md)."""
+    if not single_device(devices):
+        pmap_axes = lambda axes: tuple(0 if a == REPLICA else a for a in axes) if isinstance(axes, tuple) else 0
+        return jax.pmap(fn, axis_name=AXIS, in_axes=pmap_axes(in_axes), out_axes=pmap_axes(out_axes),
+                        donate_argnums=donate_argnums, devices=devices)
+    P = jax.sharding.PartitionSpec
+    specs = lambda axes: tuple(P(AXIS) if a == 0 else P() for a in axes) if isinstance(axes, tuple) else P(AXIS)
+
+    def per_device(*args):
+        out = fn(*(jax.tree.map(lambda a: a[0], x) if ax == 0 else x for x, ax in zip(args, in_axes)))
+        device_axis = lambda o, ax: o if ax == REPLICA else jax.tree.map(lambda v: v[None], o)
+        return tuple(map(device_axis, out, out_axes)) if isinstance(out_axes, tuple) else device_axis(out, out_axes)
+    # check_vma=False: shard_map cannot tell that the state comes out the same on every device (here there
+    # is one; make_train_step skips the all-reduce over it)
+    on_device = jax.shard_map(per_device, mesh=jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                              in_specs=specs(in_axes), out_specs=specs(out_axes), check_vma=False)
+    return jax.jit(on_device, donate_argnums=donate_argnums)
 
 
 # on a CPU the host shares its cores with the devices: every call of a small model's step costs a dispatch
@@ -229,10 +265,10 @@ def make_train_chunk(train_step, k):
     return chunk
 
 
-def pmap_train_chunk(chunk, devices=None):
-    """pmap_train_step for make_train_chunk: call with (replicated state, sharded batches of
-    shape (devices, k, ...), lrs (k,), iter0, n)."""
-    return jax.pmap(chunk, axis_name=AXIS, in_axes=(0, 0, None, None, None), donate_argnums=(0,), devices=devices)
+def parallel_train_chunk(chunk, devices):
+    """parallel_train_step for make_train_chunk: call with (replicate()d state, sharded batches
+    of shape (devices, k, ...), lrs (k,), iter0, n)."""
+    return over_devices(chunk, devices, (REPLICA, 0, None, None, None), (REPLICA, 0), donate_argnums=(0,))
 
 
 def make_eval_step(config, axis_name=AXIS):
@@ -251,8 +287,9 @@ def make_eval_step(config, axis_name=AXIS):
     return eval_step
 
 
-def pmap_eval_step(eval_step, devices=None):
-    return jax.pmap(eval_step, axis_name=AXIS, devices=devices)
+def parallel_eval_step(eval_step, devices):
+    """eval_step over a run's devices (over_devices): call with (replicate()d params, sharded batches)."""
+    return over_devices(eval_step, devices, (REPLICA, 0, 0, 0), 0)
 
 
 # -----------------------------------------------------------------------------
@@ -343,25 +380,33 @@ def micro_ids(ranks, row_split, micro_steps):
 # -----------------------------------------------------------------------------
 # devices: one copy of the state per device, one slice of the batch per device
 
-def device_sharding(devices):
-    """The layout pmap uses for its inputs and outputs: leading axis split over the devices."""
+def device_sharding(devices, replicated=False):
+    """The layout of batches and per-device outputs: leading axis split over the devices; or, replicated,
+    a whole copy on every device (the state on a single device, over_devices)."""
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec() if replicated else jax.sharding.PartitionSpec(AXIS))
 
 
 def replicate(tree, devices):
-    """A leading device axis with one copy of every leaf on each device."""
+    """One copy of every leaf on each of this process's devices along a leading device axis, the state's
+    layout in over_devices; on a single device (single_device) the leaf itself. A leaf already there is not
+    copied: a step that donates the state deletes it."""
+    if single_device(devices):
+        return jax.device_put(tree, device_sharding(devices, replicated=True))
     sharding = device_sharding(devices)
     return jax.tree.map(lambda a: jax.device_put(np.broadcast_to(np.asarray(a)[None], (len(devices),) + np.shape(a)),
                                                  sharding), tree)
 
 
-def unreplicate(tree):
-    """The first local device's copy, as numpy arrays on the host. Read from the shard itself: a[0] would
-    compile an indexing op for every parameter shape (0.5s at the first checkpoint of the README config)."""
+def unreplicate(tree, devices):
+    """replicate's inverse: the first local device's copy, as numpy arrays on the host. Read from the shard
+    itself: a[0] would compile an indexing op for every parameter shape (0.5s at the first checkpoint of the
+    README config)."""
     def first(a):
         if not hasattr(a, 'shape') or np.ndim(a) == 0:
             return a
+        if single_device(devices):
+            return np.asarray(a)
         if isinstance(a, jax.Array):
             return np.asarray(a.addressable_shards[0].data).reshape(a.shape[1:])
         return np.asarray(a[0])
@@ -444,8 +489,18 @@ def abstract(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
 
 
-def with_device_axis(tree, n):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + tuple(a.shape), a.dtype), tree)
+def with_device_axis(tree, devices):
+    """ShapeDtypeStructs of a tree of per-device shapes, with the leading device axis that shard() gives
+    them (and on a single device its layout, which jax.jit compiles for)."""
+    sharding = device_sharding(devices) if single_device(devices) else None
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(devices),) + tuple(np.shape(a)), a.dtype, sharding=sharding), tree)
+
+
+def replica_shapes(tree, devices):
+    """ShapeDtypeStructs of what replicate(tree, devices) gives."""
+    if not single_device(devices):
+        return with_device_axis(tree, devices)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=device_sharding(devices, replicated=True)), tree)
 
 
 def compile_ahead(*jobs):

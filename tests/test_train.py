@@ -174,7 +174,7 @@ def test_accumulated_gradient_equals_big_batch_gradient():
     assert bool(metrics['finite'])
 
 
-PMAP_SCRIPT = textwrap.dedent('''
+PARALLEL_SCRIPT = textwrap.dedent('''
     import json, sys
     import numpy as np, jax
     sys.path.insert(0, sys.argv[1])
@@ -190,8 +190,9 @@ PMAP_SCRIPT = textwrap.dedent('''
     results = {}
     for n in (1, 2):
         devices = jax.devices()[:n]
-        step = training.pmap_train_step(training.make_train_step(config, optimizer), devices)
-        state = training.replicate(training.init_train_state(params, optimizer, 'float32', 0), devices)
+        step = training.parallel_train_step(training.make_train_step(config, optimizer), devices)
+        # replicate may hand the step these very buffers (one device), and the step donates them
+        state = training.replicate(training.init_train_state(jax.tree.map(np.array, params), optimizer, 'float32', 0), devices)
         losses = []
         for it in range(3):
             # micro-batch g goes to device g // (G // n), with its global index (its dropout key)
@@ -199,7 +200,7 @@ PMAP_SCRIPT = textwrap.dedent('''
                                    np.arange(G, dtype=np.int32).reshape(n, G // n))
             state, metrics = step(state, training.shard(batch, devices), np.float32(1e-3), np.int32(it))
             losses.append(float(np.asarray(metrics['loss'])[0]))
-        host = training.unreplicate(state)
+        host = training.unreplicate(state, devices)
         if n == 2:  # both devices hold the same parameters after the all-reduce
             for leaf in jax.tree.leaves(state.params):
                 a = np.asarray(leaf)
@@ -211,11 +212,11 @@ PMAP_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_pmap_over_two_devices_equals_one_device(tmp_path):
+def test_data_parallel_over_two_devices_equals_one_device(tmp_path):
     """Same 4 micro-batches per iteration (with dropout): 1 device x 4 micro-steps, or 2 devices x 2
     micro-steps averaged with lax.pmean, give the same losses and parameters."""
-    script = tmp_path / 'pmap_check.py'
-    script.write_text(PMAP_SCRIPT)
+    script = tmp_path / 'parallel_check.py'
+    script.write_text(PARALLEL_SCRIPT)
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2 ' + FAST_COMPILE, JAX_PLATFORMS='cpu')
     proc = subprocess.run([sys.executable, str(script), REPO], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -464,10 +465,35 @@ def test_compile_ahead_compiles_jobs_side_by_side_from_shapes():
         training.compile_ahead((double, (training.abstract(x),)), (matmul, (training.abstract(x), training.abstract(x))))
 
 
+def test_single_device_step_updates_the_donated_state_in_place():
+    """On a single device the step is not pmapped (training.over_devices): its compiled program writes the
+    new parameters and AdamW moments into the donated buffers. Under pmap over one device XLA copied
+    every one of them after the update (3 copies per parameter array)."""
+    config, devices = tiny_config(), jax.devices()[:1]
+    params = model.init_params(config, jax.random.PRNGKey(0))
+    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 'cpu', 1.0)
+    state = training.init_train_state(params, optimizer, 'float32', 0)
+    step = training.parallel_train_step(training.make_train_step(config, optimizer), devices)
+    batch = training.with_device_axis(training.Batch(*[jax.ShapeDtypeStruct((1, 2, config.block_size), np.int32)] * 2,
+                                                     jax.ShapeDtypeStruct((1,), np.int32)), devices)
+    scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
+    hlo = step.lower(training.replica_shapes(state, devices), batch, scalar(np.float32), scalar(np.int32)).compile().as_text()
+    entry = hlo[hlo.index('\nENTRY'):]
+    copies = re.findall(r'= (\S+) copy\(', entry)
+    n_arrays = len(jax.tree.leaves(params))
+    assert len(copies) < n_arrays, copies
+    # and it runs: the state in, the new state out, the loss with its device axis of 1
+    new_state, metrics = step(training.replicate(state, devices), training.shard(
+        training.Batch(tokens((1, 1, 2, config.block_size)), tokens((1, 1, 2, config.block_size), 1), np.zeros((1, 1), np.int32)),
+        devices), np.float32(1e-3), np.int32(0))
+    assert metrics['loss'].shape == (1,) and np.isfinite(np.asarray(metrics['loss'])).all()
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
 def test_unreplicate_reads_the_first_device_copy():
     devices = jax.devices()[:1]
     tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'n': np.int32(7)}
-    host = training.unreplicate(training.replicate(tree, devices))
+    host = training.unreplicate(training.replicate(tree, devices), devices)
     assert isinstance(host['w'], np.ndarray) and host['w'].shape == (2, 3)  # the device axis is gone
     np.testing.assert_array_equal(host['w'], tree['w'])
     assert int(host['n']) == 7
