@@ -1,6 +1,6 @@
 """
 A much shorter version of train.py for benchmarking: it times the very call train.py runs
-(training.make_train_step in training.make_train_chunk under jax.pmap, state donated: on a CPU several
+(training.make_train_step in training.make_train_chunk under training.over_devices, state donated: on a CPU several
 iterations per call for small models, as train.py), reporting compile time apart from the steady
 state, median ms/iter, tokens/s, MFU and peak memory.
 
