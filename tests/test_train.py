@@ -494,7 +494,7 @@ def test_unreplicate_reads_the_first_device_copy():
     devices = jax.devices()[:1]
     tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'n': np.int32(7)}
     host = training.unreplicate(training.replicate(tree, devices), devices)
-    assert isinstance(host['w'], np.ndarray) and host['w'].shape == (2, 3)  # the device axis is gone
+    assert isinstance(host['w'], np.ndarray) and host['w'].shape == (2, 3)  # on the host, the leaf's own shape (two devices: PARALLEL_SCRIPT)
     np.testing.assert_array_equal(host['w'], tree['w'])
     assert int(host['n']) == 7
 
