@@ -1,8 +1,8 @@
 """
 A much shorter version of train.py for benchmarking: it times the very call train.py runs
-(training.make_train_step in training.make_train_chunk under training.over_devices, state donated: on a CPU several
-iterations per call for small models, as train.py), reporting compile time apart from the steady
-state, median ms/iter, tokens/s, MFU and peak memory.
+(training.make_train_step in training.make_train_chunk under training.over_devices, state donated:
+on a CPU several iterations per call for small models, as train.py), reporting compile time apart
+from the steady state, median ms/iter, tokens/s, MFU and peak memory.
 
 $ python bench.py                                  # GPT-2 124M; on a CPU a CPU-sized run (see below)
 $ python bench.py --batch_size=12 --block_size=64 --n_layer=4 --n_head=4 --n_embd=128 --vocab_size=65

@@ -500,7 +500,8 @@ def replica_shapes(tree, devices):
     """ShapeDtypeStructs of what replicate(tree, devices) gives."""
     if not single_device(devices):
         return with_device_axis(tree, devices)
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=device_sharding(devices, replicated=True)), tree)
+    sharding = device_sharding(devices, replicated=True)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
 
 
 def compile_ahead(*jobs):
