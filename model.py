@@ -7,6 +7,7 @@ Shape glossary (suffixes on array names):
   C: n_embd (channels)     H: n_head                       D: head size, C // H
   V: vocab size            F: MLP hidden size, 4 * C       L: n_layer
   I, O: a Linear's in and out features    N: any leading dims    M: all rows, N flattened
+  t: the queries of one block (causal_attention_blocks)
 e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S), logits_BTV is (B, T, V).
 
 Parameters live in a Haiku dict {module_path: {param_name: array}}. Module paths are built so
@@ -14,6 +15,7 @@ that one function maps each of them onto nanoGPT's state_dict name and back:
   'transformer/h_0/attn/c_attn'['weight']  <->  'transformer.h.0.attn.c_attn.weight'
 Linear weights are stored (in, out) — GPT-2's Conv1D layout, the transpose of torch's nn.Linear.
 """
+import functools
 import json
 import math
 import os
@@ -188,24 +190,23 @@ def softmax_attention(q_BTHD, k_BSHD, v_BSHD, mask_TS, dropout=0.0, is_training=
     return jnp.einsum('bhts,bshd->bthd', att_BHTS, v_BSHD)
 
 
-ATTENTION_BLOCK = 128  # query rows per block of causal_attention_blocks (CPU, T > 128); 64 and 32 timed no better
+ATTENTION_BLOCK = 128  # query rows per block of causal_attention_blocks (CPU); 64 and 32 timed no better
 
 
 def causal_attention(q_BTHD, k_BTHD, v_BTHD):
     """Causal softmax attention, scaled by 1/sqrt(D). On a GPU in half precision, cuDNN's fused
     (flash) kernel: XLA's default writes out the (T, T) scores, and made the whole GPT-2 124M
-    training step 1.7x slower on an H100 (BENCHMARKS.md). On the CPU past ATTENTION_BLOCK tokens,
-    causal_attention_blocks. Elsewhere, or where cuDNN refuses the shapes or is missing, XLA's
-    implementation."""
+    training step 1.7x slower on an H100 (BENCHMARKS.md). On the CPU, causal_attention_blocks.
+    Elsewhere, or where cuDNN refuses the shapes or is missing, XLA's implementation."""
     if q_BTHD.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == 'gpu':
         try:
             return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True, implementation='cudnn')
         except (ValueError, NotImplementedError, RuntimeError):
             pass
-    T = q_BTHD.shape[1]
-    if jax.default_backend() == 'cpu' and T > ATTENTION_BLOCK:
+    if jax.default_backend() == 'cpu':
         return causal_attention_blocks(q_BTHD, k_BTHD, v_BTHD, ATTENTION_BLOCK)
     if q_BTHD.dtype == jnp.float16:
+        T = q_BTHD.shape[1]
         return softmax_attention(q_BTHD, k_BTHD, v_BTHD, jnp.tril(jnp.ones((T, T), dtype=bool)))
     return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True)
 
@@ -213,15 +214,54 @@ def causal_attention(q_BTHD, k_BTHD, v_BTHD):
 def causal_attention_blocks(q_BTHD, k_BTHD, v_BTHD, block):
     """Causal attention a block of queries at a time: queries i..i+block-1 meet keys 0..i+block-1
     only, because every later key would get weight exp(-inf) = 0. The same result as the full (T, T)
-    scores without computing the masked upper blocks (GPT-2 124M's CPU step at T=256: ~2% faster,
-    BENCHMARKS.md)."""
-    T = q_BTHD.shape[1]
-    y = []
-    for i in range(0, T, block):
-        S = min(i + block, T)
-        mask_TS = jnp.arange(S)[None, :] <= jnp.arange(i, S)[:, None]
-        y.append(softmax_attention(q_BTHD[:, i:S], k_BTHD[:, :S], v_BTHD[:, :S], mask_TS))
-    return jnp.concatenate(y, axis=1)
+    scores without computing the masked upper blocks (GPT-2 124M's CPU step at T=256: ~2% faster),
+    and a backward written by hand (one layer at GPT-2 124M's shapes, forward and backward: 12.4 ms with
+    autodiff's, ~10 ms with this one; BENCHMARKS.md)."""
+    def heads_first(a_BTHD):
+        return a_BTHD.transpose(0, 2, 1, 3)
+    y_BHTD = _blocked_attention(heads_first(q_BTHD), heads_first(k_BTHD), heads_first(v_BTHD), block)
+    return heads_first(y_BHTD)
+
+
+def _blocks(T, block):
+    """(first query, number of keys) of each block of queries."""
+    return [(i, min(i + block, T)) for i in range(0, T, block)]
+
+
+def _blocked_attention_fwd(q_BHTD, k_BHTD, v_BHTD, block):
+    scale = 1.0 / math.sqrt(q_BHTD.shape[-1])
+    y, probs = [], []
+    for i, S in _blocks(q_BHTD.shape[2], block):
+        att_BHtS = jnp.einsum('bhtd,bhsd->bhts', q_BHTD[:, :, i:S], k_BHTD[:, :, :S]).astype(jnp.float32) * scale
+        att_BHtS = jnp.where(jnp.arange(S)[None, :] <= jnp.arange(i, S)[:, None], att_BHtS, -jnp.inf)
+        att_BHtS = jax.nn.softmax(att_BHtS, axis=-1)
+        probs.append(att_BHtS)
+        y.append(jnp.einsum('bhts,bhsd->bhtd', att_BHtS.astype(v_BHTD.dtype), v_BHTD[:, :, :S]))
+    return jnp.concatenate(y, axis=2), (q_BHTD, k_BHTD, v_BHTD, probs)
+
+
+def _blocked_attention_bwd(block, res, dy_BHTD):
+    """Softmax attention's gradient for each block: with P the probabilities and dP = dy V^T,
+    dS = P * (dP - rowsum(dP * P)) / sqrt(D); dQ = dS K, dK = dS^T Q, dV = P^T dy."""
+    q_BHTD, k_BHTD, v_BHTD, probs = res
+    scale = 1.0 / math.sqrt(q_BHTD.shape[-1])
+    dq, dk_BHTD, dv_BHTD = [], jnp.zeros_like(k_BHTD), jnp.zeros_like(v_BHTD)
+    for (i, S), p_BHtS in zip(_blocks(q_BHTD.shape[2], block), probs):
+        dy_BHtD = dy_BHTD[:, :, i:S]
+        dv_BHTD = dv_BHTD.at[:, :, :S].add(jnp.einsum('bhts,bhtd->bhsd', p_BHtS.astype(dy_BHtD.dtype), dy_BHtD))
+        dp_BHtS = jnp.einsum('bhtd,bhsd->bhts', dy_BHtD, v_BHTD[:, :, :S]).astype(jnp.float32)
+        ds_BHtS = (p_BHtS * (dp_BHtS - jnp.sum(dp_BHtS * p_BHtS, axis=-1, keepdims=True)) * scale).astype(q_BHTD.dtype)
+        dq.append(jnp.einsum('bhts,bhsd->bhtd', ds_BHtS, k_BHTD[:, :, :S]))
+        dk_BHTD = dk_BHTD.at[:, :, :S].add(jnp.einsum('bhts,bhtd->bhsd', ds_BHtS, q_BHTD[:, :, i:S]))
+    return jnp.concatenate(dq, axis=2), dk_BHTD, dv_BHTD
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_attention(q_BHTD, k_BHTD, v_BHTD, block):
+    return _blocked_attention_fwd(q_BHTD, k_BHTD, v_BHTD, block)[0]
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
 class CausalSelfAttention(hk.Module):

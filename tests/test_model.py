@@ -165,9 +165,10 @@ def test_loss_and_every_gradient_match_hf():
 
 
 def test_blocked_attention_past_128_tokens_matches_hf(monkeypatch):
-    """On the CPU, sequences longer than model.ATTENTION_BLOCK run causal_attention_blocks (queries a
-    block at a time, the all-masked keys skipped). At T=300, two full blocks and a partial one, the
-    logits, the loss and every gradient still match HF's eager (T, T) attention."""
+    """On the CPU, attention runs causal_attention_blocks (queries model.ATTENTION_BLOCK at a time, the
+    all-masked keys skipped, the backward written by hand). At T=300, two full blocks and a partial one,
+    the logits, the loss and every gradient still match HF's eager (T, T) attention (shorter sequences,
+    one block, are checked by the parity tests above)."""
     if jax.default_backend() != 'cpu':
         pytest.skip("causal_attention_blocks is the CPU's path")
     ref = hf()
