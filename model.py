@@ -52,14 +52,13 @@ class GPTConfig:
 
 @jax.custom_vjp
 def matmul(x_NI, w_IO):
-    """x @ w, with the weight gradient computed as (g^T x)^T instead of autodiff's x^T g: the same product,
-    up to rounding; the difference is where the transpose lands. For x^T g, XLA:CPU transposes g (N x O, the big
-    one) inside the elementwise fusion that produces it (the GELU or LayerNorm backward), a strided
-    write that took a third of the README CPU config's training step; here only the small (O, I)
-    result is transposed (step 1.5x faster, BENCHMARKS.md). For the tied lm_head (w = wte^T), (g^T x)
-    is wte's gradient in wte's own layout, where autodiff had XLA transpose the (N, V) logit gradient.
-    N stands for any leading dims. Used on CPU only (see dense): the GPU timings were taken with
-    autodiff's form, and this one has not been timed there."""
+    """x @ w for a Linear, its weight gradient x^T g taken from a copy of x^T made behind an optimization
+    barrier. Left to itself XLA folds the transpose into the dot (both operands contracted over their rows),
+    a form XLA:CPU runs with Eigen instead of YNNPACK at ~2/3 of the speed on the README config's shapes
+    (BENCHMARKS.md). Autodiff's own x^T g was worse still: XLA:CPU transposed g (N x O, the big one) inside
+    the elementwise fusion that produces it (the GELU or LayerNorm backward), a strided write that took a
+    third of the README CPU config's step. N stands for any leading dims. Used on CPU only (see dense): the
+    GPU timings were taken with autodiff's form, and this one has not been timed there."""
     return x_NI @ w_IO
 
 
@@ -67,18 +66,41 @@ def _matmul_fwd(x_NI, w_IO):
     return x_NI @ w_IO, (x_NI, w_IO)
 
 
+def _rows(a_N):
+    """a as (M, last dim): all leading dims flattened into rows."""
+    return a_N.reshape(-1, a_N.shape[-1])
+
+
 def _matmul_bwd(res, g_NO):
     x_NI, w_IO = res
-    x_MI, g_MO = x_NI.reshape(-1, x_NI.shape[-1]), g_NO.reshape(-1, g_NO.shape[-1])  # M: all rows
-    return g_NO @ w_IO.T, (g_MO.T @ x_MI).T
+    return g_NO @ w_IO.T, jax.lax.optimization_barrier(_rows(x_NI).T) @ _rows(g_NO)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def dense(x_NI, w_IO):
-    """x @ w for Linear and the tied lm_head: model.matmul on CPU, plain on GPU/TPU (as timed there)."""
-    return matmul(x_NI, w_IO) if jax.default_backend() == 'cpu' else x_NI @ w_IO
+@jax.custom_vjp
+def matmul_tied(x_NI, w_IO):
+    """matmul for the tied lm_head (w = wte^T), its weight gradient computed as (g^T x)^T: g^T x is wte's
+    gradient in wte's own layout, where autodiff had XLA transpose the (N, V) logit gradient and x^T g
+    would need the (C, V) result transposed; other layouts measured slower here (BENCHMARKS.md)."""
+    return x_NI @ w_IO
+
+
+def _matmul_tied_bwd(res, g_NO):
+    x_NI, w_IO = res
+    return g_NO @ w_IO.T, (_rows(g_NO).T @ _rows(x_NI)).T
+
+
+matmul_tied.defvjp(_matmul_fwd, _matmul_tied_bwd)
+
+
+def dense(x_NI, w_IO, tied=False):
+    """x @ w for Linear, and with tied=True for the tied lm_head: model.matmul / matmul_tied on CPU, plain on
+    GPU/TPU (as timed there)."""
+    if jax.default_backend() != 'cpu':
+        return x_NI @ w_IO
+    return matmul_tied(x_NI, w_IO) if tied else matmul(x_NI, w_IO)
 
 
 def written_out(y, like):
@@ -144,7 +166,7 @@ class Embedding(hk.Module):
         return jnp.take(self._weight(), idx, axis=0)
 
     def attend(self, x):
-        return dense(x, self._weight().astype(x.dtype).T)
+        return dense(x, self._weight().astype(x.dtype).T, tied=True)
 
 
 class LayerNorm(hk.Module):

@@ -7,6 +7,7 @@ Measured maxima are printed: run `pytest -v -s tests/test_model.py` to see them.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -400,17 +401,39 @@ def test_training_attention_path_equals_fused():
     assert d <= LOGITS_TOL, f"training attention path max|Δ| {d:.2e}"
 
 
-def test_matmul_custom_vjp_equals_autodiff():
-    """model.matmul (the Linear product on CPU) has autodiff's gradients for x and w, with leading dims."""
+@pytest.mark.parametrize('product', ['matmul', 'matmul_tied'])
+def test_matmul_custom_vjp_equals_autodiff(product):
+    """model.matmul (the Linear product on CPU) and matmul_tied (the lm_head's) have autodiff's gradients
+    for x and w, with leading dims, jitted as in the training step."""
+    fn = getattr(model, product)
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x_BTI = jax.random.normal(kx, (3, 5, 8))
     w_IO = jax.random.normal(kw, (8, 6))
     g_BTO = jax.random.normal(kg, (3, 5, 6))
-    ours = jax.vjp(model.matmul, x_BTI, w_IO)[1](g_BTO)
+    ours = jax.jit(lambda x, w, g: jax.vjp(fn, x, w)[1](g))(x_BTI, w_IO, g_BTO)
     plain = jax.vjp(lambda x, w: x @ w, x_BTI, w_IO)[1](g_BTO)
     for a, b in zip(ours, plain):
+        assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(model.matmul(x_BTI, w_IO)), np.asarray(x_BTI @ w_IO))
+    np.testing.assert_array_equal(np.asarray(fn(x_BTI, w_IO)), np.asarray(x_BTI @ w_IO))
+
+
+def test_matmul_weight_gradient_is_a_plain_product_on_cpu():
+    """model.matmul's weight gradient reaches XLA:CPU as a plain (I, M) x (M, O) dot, the form it hands to
+    YNNPACK: no dot of the compiled gradient contracts its left operand's first dim. matmul_tied's (g^T x)^T,
+    the form Linear had before, does (the check can tell them apart)."""
+    if jax.default_backend() != 'cpu':
+        pytest.skip("a CPU layout choice")
+    x_BTI, w_IO, g_BTO = jnp.ones((2, 64, 128)), jnp.ones((128, 512)), jnp.ones((2, 64, 512))
+
+    def lhs_row_contractions(fn):
+        hlo = jax.jit(lambda x, w, g: jax.vjp(fn, x, w)[1](g)).lower(x_BTI, w_IO, g_BTO).compile().as_text()
+        dims = re.findall(r' dot\([^\n]*?lhs_contracting_dims=\{(\d)\}', hlo)
+        assert len(dims) == 2, hlo  # the input gradient's dot and the weight gradient's
+        return dims.count('0')
+
+    assert lhs_row_contractions(model.matmul) == 0
+    assert lhs_row_contractions(model.matmul_tied) == 1
 
 
 def test_written_out_is_exact_whatever_like_holds():
