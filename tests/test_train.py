@@ -810,7 +810,8 @@ def test_cpu_row_split_over_host_devices_equals_one_device(tmp_path, dataset, en
 
 def test_float16_trains_on_cpu_without_dropout(tmp_path, dataset, env):
     """XLA on CPU has no float16 dot with float32 accumulation (what jax.nn.dot_product_attention
-    asks for), so model.causal_attention's CPU path writes its dots out in float16: the script trains."""
+    asks for), so model.causal_attention's CPU path (causal_attention_blocks) uses plain float16 dots: the
+    script trains."""
     proc = train(dataset, str(tmp_path / 'out'), '--dtype=float16', '--dropout=0.0', '--max_iters=1',
                  env=env, cwd=str(tmp_path))
     assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
