@@ -199,15 +199,19 @@ def _dropout(x, rate, is_training):
     return x
 
 
+def masked_softmax(att_BHTS, mask_TS, D):
+    """Attention's probabilities from its raw scores q k^T (any dtype): in fp32, scaled by 1/sqrt(D), query t
+    seeing key s where mask_TS[t, s]."""
+    return jax.nn.softmax(jnp.where(mask_TS, att_BHTS.astype(jnp.float32) * (1.0 / math.sqrt(D)), -jnp.inf), axis=-1)
+
+
 def softmax_attention(q_BTHD, k_BSHD, v_BSHD, mask_TS, dropout=0.0, is_training=False):
     """Attention written out (nanoGPT's masked-softmax path): scores and softmax in fp32, query t
     sees key s where mask_TS[t, s]. Used where the fused call cannot go: attention dropout, the
     KV cache's mask, and float16 without cuDNN's kernel (XLA cannot compile the fused call's float16
     dot with fp32 accumulation on CPU, nor with a mask on GPU)."""
-    scale = 1.0 / math.sqrt(q_BTHD.shape[-1])
-    att_BHTS = jnp.einsum('bthd,bshd->bhts', q_BTHD, k_BSHD).astype(jnp.float32) * scale
-    att_BHTS = jnp.where(mask_TS, att_BHTS, -jnp.inf)
-    att_BHTS = jax.nn.softmax(att_BHTS, axis=-1).astype(q_BTHD.dtype)
+    att_BHTS = masked_softmax(jnp.einsum('bthd,bshd->bhts', q_BTHD, k_BSHD), mask_TS, q_BTHD.shape[-1])
+    att_BHTS = att_BHTS.astype(q_BTHD.dtype)
     att_BHTS = _dropout(att_BHTS, dropout, is_training)
     return jnp.einsum('bhts,bshd->bthd', att_BHTS, v_BSHD)
 
@@ -251,12 +255,11 @@ def _blocks(T, block):
 
 
 def _blocked_attention_fwd(q_BHTD, k_BHTD, v_BHTD, block):
-    scale = 1.0 / math.sqrt(q_BHTD.shape[-1])
     y, probs = [], []
     for i, S in _blocks(q_BHTD.shape[2], block):
-        att_BHtS = jnp.einsum('bhtd,bhsd->bhts', q_BHTD[:, :, i:S], k_BHTD[:, :, :S]).astype(jnp.float32) * scale
-        att_BHtS = jnp.where(jnp.arange(S)[None, :] <= jnp.arange(i, S)[:, None], att_BHtS, -jnp.inf)
-        att_BHtS = jax.nn.softmax(att_BHtS, axis=-1)
+        causal_tS = jnp.arange(S)[None, :] <= jnp.arange(i, S)[:, None]
+        att_BHtS = masked_softmax(jnp.einsum('bhtd,bhsd->bhts', q_BHTD[:, :, i:S], k_BHTD[:, :, :S]), causal_tS,
+                                  q_BHTD.shape[-1])
         probs.append(att_BHtS)
         y.append(jnp.einsum('bhts,bhsd->bhtd', att_BHtS.astype(v_BHTD.dtype), v_BHTD[:, :, :S]))
     return jnp.concatenate(y, axis=2), (q_BHTD, k_BHTD, v_BHTD, probs)
