@@ -1,8 +1,8 @@
 """
 A much shorter version of train.py for benchmarking: it times the very call train.py runs
-(training.make_train_step in training.make_train_chunk under training.over_devices, state donated:
-on a CPU several iterations per call for small models, as train.py), reporting compile time apart
-from the steady state, median ms/iter, tokens/s, MFU and peak memory.
+(training.parallel_train_step over the same device plan, state donated: on a CPU several iterations
+per call for small models, as train.py), reporting compile time apart from the steady state,
+median ms/iter, tokens/s, MFU and peak memory.
 
 $ python bench.py                                  # GPT-2 124M; on a CPU a CPU-sized run (see below)
 $ python bench.py --batch_size=12 --block_size=64 --n_layer=4 --n_head=4 --n_embd=128 --vocab_size=65
@@ -25,8 +25,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from model import GPTConfig, init_params, param_shapes, get_num_params, configure_optimizers, estimate_mfu, device_peak_flops, \
-    flops_per_iter
+from model import GPTConfig, init_params, param_shapes, get_num_params, configure_optimizers, estimate_mfu, flops_per_iter
+import parallel
+from parallel import die
 import training
 
 # -----------------------------------------------------------------------------
@@ -59,15 +60,10 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 _defaults = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 _given = {k for k in config_keys if globals()[k] != _defaults[k] or any(a.startswith(f'--{k}=') for a in sys.argv[1:])}
-training.use_host_devices() # as train.py: on CPU one device per core (up to 2), before JAX starts its backends
-freed_kept = training.keep_freed_memory(device, n_layer, n_embd) # as train.py: on CPU for big models, freed buffers stay for the next step
+parallel.pin_platform(device) # as train.py, before JAX starts its backends
+parallel.use_host_devices()
+freed_kept = parallel.keep_freed_memory(device, n_layer, n_embd)
 # -----------------------------------------------------------------------------
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
 
 if compare not in ('', 'torch'):
     die(f"compare={compare!r}: use --compare=torch, or leave it empty")
@@ -79,23 +75,9 @@ if burnin < 0:
 if iters_per_call < 0:
     die(f"iters_per_call={iters_per_call}: give a positive number, or 0 to choose as train.py does")
 
-platform_name, _, device_index = device.partition(':')
-platform = {'cuda': 'gpu', 'gpu': 'gpu', 'rocm': 'gpu', 'cpu': 'cpu', 'tpu': 'tpu'}.get(platform_name, platform_name)
-try:
-    devices = jax.devices(platform)
-except RuntimeError:
-    if device_index:
-        die(f"device={device!r}: JAX has no {platform_name} platform here (it has {jax.default_backend()})")
-    devices = jax.devices()
-if device_index:
-    if not device_index.isdigit() or int(device_index) >= len(devices):
-        die(f"device={device!r}: there are {len(devices)} {platform_name} devices")
-    devices = [devices[int(device_index)]]
+devices = parallel.select_devices(device)
 platform = devices[0].platform
-if dtype == 'auto':
-    dtype = 'bfloat16' if platform in ('gpu', 'tpu') else 'float32'
-if dtype not in training.DTYPES:
-    die(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+dtype = parallel.select_dtype(dtype, platform)
 
 if platform == 'cpu':
     # nanoGPT's GPU-sized defaults take minutes per iteration on a CPU
@@ -107,21 +89,19 @@ if platform == 'cpu':
               + ", ".join(f"{k}={v}" for k, v in changed.items()))
 gptconf = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                     dropout=0.0, bias=bias)
+num_params = get_num_params(param_shapes(gptconf))
 # as train.py: micro-batches over the devices, or on CPU each micro-batch's rows over the host devices
 try:
-    n_used, row_split, ranks, micro_steps, _ = training.plan_devices(
-        len(devices), 1, gradient_accumulation_steps, batch_size, platform, get_num_params(param_shapes(gptconf)))
+    plan = parallel.plan_devices(devices, gradient_accumulation_steps, batch_size, num_params,
+                                 flops_per_iter(gptconf, num_params, gradient_accumulation_steps * batch_size), iters_per_call)
 except ValueError as e:
     die(str(e))
-devices = devices[:n_used]
+devices, iters_per_call = plan.devices, plan.iters_per_call
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-if iters_per_call == 0:
-    iters_per_call = training.iters_per_call(
-        platform, flops_per_iter(gptconf, get_num_params(param_shapes(gptconf)), gradient_accumulation_steps * batch_size))
 print(f"{len(devices)} {platform} device(s) ({devices[0].device_kind}), dtype {dtype}, "
       f"{n_layer}L/{n_head}H/{n_embd}C, vocab {vocab_size}, batch_size {batch_size} x block_size {block_size} "
       f"x {gradient_accumulation_steps} micro-batch(es) = {tokens_per_iter:,} tokens/iter"
-      + (f", each micro-batch's rows split over {row_split} host devices" if row_split > 1 else ""))
+      + (f", each micro-batch's rows split over {plan.row_split} host devices" if plan.row_split > 1 else ""))
 if iters_per_call > 1:
     print(f"jax: {iters_per_call} iterations per compiled call (train.py's choice here unless given); times are per iteration")
 
@@ -148,15 +128,11 @@ else:
         return _tokens[..., :-1], _tokens[..., 1:]
 
 
-def jax_batch(it):
-    x, y = (training.arrange(a, ranks, row_split) for a in make_batch(it))
-    return training.Batch(x, y, training.micro_ids(ranks, row_split, micro_steps))
-
-
-def jax_chunk(call):
+def jax_calls(call):
     """The batches of call number `call`: iterations call*iters_per_call onwards, stacked on axis 1."""
     its = range(call * iters_per_call, (call + 1) * iters_per_call)
-    return jax.tree.map(lambda *a: np.stack(a, axis=1), *[jax_batch(it) for it in its])
+    return jax.tree.map(lambda *a: np.stack(a, axis=1), *[training.Batch(*[parallel.split_batch(a, plan) for a in make_batch(it)])
+                                                          for it in its])
 
 
 def measure_matmul_peak(n=2048, reps=10):
@@ -177,8 +153,8 @@ def measure_matmul_peak(n=2048, reps=10):
 
 if peak_flops > 0:
     peak, peak_what = peak_flops, "given by --peak_flops"
-elif device_peak_flops(devices[0]):
-    peak, peak_what = device_peak_flops(devices[0]), f"{devices[0].device_kind} bf16 table"
+elif parallel.device_peak_flops(devices[0]):
+    peak, peak_what = parallel.device_peak_flops(devices[0]), f"{devices[0].device_kind} bf16 table"
     if dtype == 'float32':
         peak_what += " (fp32 runs are measured against it too)"
 else:
@@ -207,19 +183,13 @@ def report(name, compile_s, times, per_call=1):
 training.set_precision(dtype)
 with jax.default_device(devices[0]):
     params = init_params(gptconf, jax.random.PRNGKey(seed))
-num_params = get_num_params(params)
 print(f"number of parameters: {num_params / 1e6:.2f}M")
-optimizer = configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), platform, grad_clip=1.0)
+optimizer = configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0)
 state = training.init_train_state(params, optimizer, dtype, seed)
-abstract_state = training.replica_shapes(state, devices)
-state = training.replicate(state, devices)
+step, compile_s = training.compile_steps(gptconf, optimizer, plan, dtype, seed)['train step']
+need = parallel.compiled_bytes(step)
+state = parallel.replicate(state, devices)
 del params
-abstract_batch = training.with_device_axis(training.abstract(jax.tree.map(lambda a: a[0], jax_chunk(0))), devices)
-step = training.parallel_train_chunk(training.make_train_chunk(training.make_train_step(gptconf, optimizer), iters_per_call), devices)
-scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-[(step, compile_s)] = training.compile_ahead(
-    (step, (abstract_state, abstract_batch, jax.ShapeDtypeStruct((iters_per_call,), np.float32), scalar(np.int32), scalar(np.int32))))
-need = training.compiled_bytes(step)
 
 lrs = np.full(iters_per_call, 1e-4, np.float32)
 
@@ -227,8 +197,8 @@ lrs = np.full(iters_per_call, 1e-4, np.float32)
 def jax_call(call):
     """Runs call number `call` (iters_per_call iterations) and returns its last loss, once it is back."""
     global state
-    state, metrics = step(state, training.shard(jax_chunk(call), devices), lrs, np.int32(call * iters_per_call), np.int32(iters_per_call))
-    return float(np.asarray(metrics['loss'].addressable_shards[0].data).reshape(-1)[-1])
+    state, metrics = step(state, parallel.shard(jax_calls(call), devices), lrs, np.int32(call * iters_per_call), np.int32(iters_per_call))
+    return float(parallel.first_shard(metrics['loss']).reshape(-1)[-1])
 
 
 def jax_step(call):
@@ -326,7 +296,7 @@ if compare == 'torch':
     print(f"jax/torch: {torch_med / jax_med:.2f}x the tokens/s of torch (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; jax {jax.__version__})")
     if freed_kept:  # one process: torch's big tensors are malloc'd under the same settings
-        print("(torch shares this process's malloc settings, training.keep_freed_memory: they speed its step up too)")
+        print("(torch shares this process's malloc settings, parallel.keep_freed_memory: they speed its step up too)")
 
 stats = devices[0].memory_stats() or {}
 if stats.get('peak_bytes_in_use'):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from model import GPTConfig, gpt_forward, init_params
-from sample import make_generate
+from model import make_generate
 
 # -----------------------------------------------------------------------------
 # the model of config/train_shakespeare_char.py

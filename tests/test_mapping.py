@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, 'TORCH_TO_JAX_MAPPING.md')
 REF = re.compile(r'\b((?:[\w-]+/)*[\w-]+\.py):([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*)')
 
-# the constructs issue 5 lists; each must appear verbatim somewhere in the map
+# the torch constructs nanoGPT uses; each must appear verbatim somewhere in the map
 REQUIRED = [
     'nn.Module', 'nn.Linear', 'nn.Embedding', 'nn.LayerNorm', 'F.layer_norm', 'nn.Dropout', 'nn.GELU',
     'F.scaled_dot_product_attention', 'register_buffer', 'weight tying', 'torch.nn.init.normal_',
@@ -19,6 +19,9 @@ REQUIRED = [
     'torch.randint', 'pin_memory', 'non_blocking', 'torch.from_numpy', 'torch.save', 'torch.load',
     'torch.cuda.synchronize', 'torch.profiler', 'torch.cuda.is_bf16_supported', 'state_dict',
     'load_state_dict', '_orig_mod.', 'GPT2LMHeadModel.from_pretrained',
+    # as nanoGPT's code names them
+    'DistributedDataParallel', 'require_backward_grad_sync', 'torch.cuda.set_device', 'torch.backends.cudnn.allow_tf32',
+    'torch.cuda.amp.GradScaler', 'inspect.signature(torch.optim.AdamW)',
 ]
 
 

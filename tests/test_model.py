@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import backends  # noqa: E402
 import model  # noqa: E402
 from model import GPTConfig, gpt_forward, gpt_decode, init_cache, init_params  # noqa: E402
 
@@ -166,16 +167,16 @@ def test_loss_and_every_gradient_match_hf():
 
 
 def test_blocked_attention_past_128_tokens_matches_hf(monkeypatch):
-    """On the CPU, attention runs causal_attention_blocks (queries model.ATTENTION_BLOCK at a time, the
-    all-masked keys skipped, the backward written by hand). At T=300, two full blocks and a partial one,
+    """On the CPU, attention runs backends.blocked_causal_attention (backends.ATTENTION_BLOCK queries at a
+    time, the all-masked keys skipped, the backward written by hand). At T=300, two full blocks and a partial one,
     the logits, the loss and every gradient still match HF's eager (T, T) attention (shorter sequences,
     one block, are checked by the parity tests above)."""
-    if jax.default_backend() != 'cpu':
-        pytest.skip("causal_attention_blocks is the CPU's path")
+    if not backends.on_cpu():
+        pytest.skip("blocked_causal_attention is the CPU's path")
     ref = hf()
     blocks = []
-    real = model.causal_attention_blocks
-    monkeypatch.setattr(model, 'causal_attention_blocks', lambda *a: blocks.append(a[0].shape) or real(*a))
+    real = backends.blocked_causal_attention
+    monkeypatch.setattr(backends, 'blocked_causal_attention', lambda *a: blocks.append(a[0].shape) or real(*a))
     dims = dict(TINY, block_size=300)
     config = GPTConfig(**dims, activation='gelu_new')
     hf_model = ref.hf_model(**dims, activation='gelu_new', seed=30, untie=True)
@@ -189,7 +190,7 @@ def test_blocked_attention_past_128_tokens_matches_hf(monkeypatch):
     d_logits = max_abs(full_logits(config, params, idx_BT), hf_logits.detach().numpy())
     loss, ours = grads_as_state_dict(config, params, jnp.asarray(idx_BT), jnp.asarray(targets_BT))
     assert blocks and all(shape[1] == 300 for shape in blocks), f"blocked path not taken: {blocks}"
-    print(f"\nT=300, blocks of {model.ATTENTION_BLOCK}: logits max|Δ| {d_logits:.2e}, "
+    print(f"\nT=300, blocks of {backends.ATTENTION_BLOCK}: logits max|Δ| {d_logits:.2e}, "
           f"loss |Δ| {abs(loss - hf_loss.item()):.2e}")
     assert d_logits <= LOGITS_TOL, f"logits max|Δ| {d_logits:.2e}"
     assert abs(loss - hf_loss.item()) <= 1e-5
@@ -401,52 +402,40 @@ def test_training_attention_path_equals_fused():
     assert d <= LOGITS_TOL, f"training attention path max|Δ| {d:.2e}"
 
 
-@pytest.mark.parametrize('product', ['matmul', 'matmul_tied'])
-def test_matmul_custom_vjp_equals_autodiff(product):
-    """model.matmul (the Linear product on CPU) and matmul_tied (the lm_head's) have autodiff's gradients
-    for x and w, with leading dims, jitted as in the training step."""
-    fn = getattr(model, product)
+@pytest.mark.parametrize('product', ['matmul', 'lm_head'])
+def test_cpu_products_have_autodiffs_gradients(product):
+    """backends.matmul (a Linear's x @ w) and backends.lm_head (x @ wte^T), custom VJPs on the CPU, have
+    autodiff's gradients for x and w, with leading dims, jitted as in the training step."""
+    fn = getattr(backends, product)
+    plain_fn = (lambda x, w: x @ w) if product == 'matmul' else (lambda x, w: x @ w.T)
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x_BTI = jax.random.normal(kx, (3, 5, 8))
-    w_IO = jax.random.normal(kw, (8, 6))
+    w = jax.random.normal(kw, (8, 6) if product == 'matmul' else (6, 8))
     g_BTO = jax.random.normal(kg, (3, 5, 6))
-    ours = jax.jit(lambda x, w, g: jax.vjp(fn, x, w)[1](g))(x_BTI, w_IO, g_BTO)
-    plain = jax.vjp(lambda x, w: x @ w, x_BTI, w_IO)[1](g_BTO)
+    ours = jax.jit(lambda x, w, g: jax.vjp(fn, x, w)[1](g))(x_BTI, w, g_BTO)
+    plain = jax.vjp(plain_fn, x_BTI, w)[1](g_BTO)
     for a, b in zip(ours, plain):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(fn(x_BTI, w_IO)), np.asarray(x_BTI @ w_IO))
+    np.testing.assert_array_equal(np.asarray(fn(x_BTI, w)), np.asarray(plain_fn(x_BTI, w)))
 
 
 def test_matmul_weight_gradient_is_a_plain_product_on_cpu():
-    """model.matmul's weight gradient reaches XLA:CPU as a plain (I, M) x (M, O) dot, the form it hands to
-    YNNPACK: no dot of the compiled gradient contracts its left operand's first dim. matmul_tied's (g^T x)^T,
-    the form Linear had before, does (the check can tell them apart)."""
-    if jax.default_backend() != 'cpu':
+    """backends.matmul's weight gradient reaches XLA:CPU as a plain (I, M) x (M, O) dot, the form it hands to
+    YNNPACK: no dot of the compiled gradient contracts its left operand's first dim. lm_head's g^T x does
+    (the check can tell them apart)."""
+    if not backends.on_cpu():
         pytest.skip("a CPU layout choice")
     x_BTI, w_IO, g_BTO = jnp.ones((2, 64, 128)), jnp.ones((128, 512)), jnp.ones((2, 64, 512))
 
-    def lhs_row_contractions(fn):
-        hlo = jax.jit(lambda x, w, g: jax.vjp(fn, x, w)[1](g)).lower(x_BTI, w_IO, g_BTO).compile().as_text()
+    def lhs_row_contractions(fn, w):
+        hlo = jax.jit(lambda x, w, g: jax.vjp(fn, x, w)[1](g)).lower(x_BTI, w, g_BTO).compile().as_text()
         dims = re.findall(r' dot\([^\n]*?lhs_contracting_dims=\{(\d)\}', hlo)
         assert len(dims) == 2, hlo  # the input gradient's dot and the weight gradient's
         return dims.count('0')
 
-    assert lhs_row_contractions(model.matmul) == 0
-    assert lhs_row_contractions(model.matmul_tied) == 1
-
-
-def test_written_out_is_exact_whatever_like_holds():
-    """model.written_out(y, like) is y bit for bit, and so is the residual stream's gradient, also where
-    `like` is NaN or infinite (a 1 made as like * 0 + 1 would turn those gradients into NaN)."""
-    y = jnp.asarray([1.5, -0.0, 3e-38, -7.25, np.inf, np.nan, 2.0], jnp.float32)
-    like = jnp.asarray([0.3, np.nan, np.inf, -np.inf, 1.0, 2.0, -0.0], jnp.float32)
-    for dtype in (jnp.float32, jnp.bfloat16):
-        got = jax.jit(model.written_out)(y.astype(dtype), like.astype(dtype))
-        assert got.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(y.astype(dtype), np.float32))
-    _, vjp = jax.vjp(model.residual, like)
-    np.testing.assert_array_equal(np.asarray(jax.jit(vjp)(y)[0]), np.asarray(y))
+    assert lhs_row_contractions(backends.matmul, w_IO) == 0
+    assert lhs_row_contractions(backends.lm_head, w_IO.T) == 1
 
 
 def test_import_model_does_not_import_torch():
@@ -459,7 +448,7 @@ def test_import_model_does_not_import_torch():
 def test_configure_optimizers_counts_as_nanogpt(capsys):
     """nanoGPT's printed counts for GPT-2 124M at vocab 50304 (decay = every >=2-D tensor), from shapes."""
     shapes = model.param_shapes(GPTConfig())
-    model.configure_optimizers(shapes, weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type='cpu')
+    model.configure_optimizers(shapes, weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95))
     out = capsys.readouterr().out
     assert "num decayed parameter tensors: 50, with 124,354,560 parameters" in out, out
     assert "num non-decayed parameter tensors: 98, with 121,344 parameters" in out, out

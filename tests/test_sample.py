@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 from model import GPTConfig, gpt_forward, init_params, from_pretrained  # noqa: E402
-from sample import make_generate, crop_top_k, sample_next  # noqa: E402
+from model import make_generate, crop_top_k, sample_next  # noqa: E402
 
 TIKTOKEN_CACHE = os.path.abspath(os.path.join(REPO, '..', 'shared', 'tiktoken_cache'))
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=50)  # few context lengths to compile

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ import optax  # noqa: E402
 
 import model  # noqa: E402
 import training  # noqa: E402
-from checkpoint import CKPT_NAME, load_checkpoint  # noqa: E402
+from checkpoint import CKPT_NAME, load_checkpoint, flatten  # noqa: E402
+import parallel  # noqa: E402
 
 from tests.tinydata import tiny_text, write_char_dataset  # noqa: E402
 VOCAB = 65
@@ -97,11 +99,10 @@ def test_get_lr_matches_nanogpt_formula(warmup, decay_iters):
 # -----------------------------------------------------------------------------
 # AdamW: model.configure_optimizers against torch.optim.AdamW + clip_grad_norm_
 
-@pytest.mark.parametrize('device_type', ['cpu', 'cuda'])
 @pytest.mark.parametrize('grad_clip', [1.0, 0.0])
-def test_adamw_matches_torch(grad_clip, device_type):
-    """Both of configure_optimizers' AdamWs (cpu: moments written out; else optax.adamw) step like
-    torch.optim.AdamW, and keep the same state layout, so a checkpoint resumes on either device."""
+def test_adamw_matches_torch(grad_clip):
+    """configure_optimizers' AdamW steps like torch.optim.AdamW with clip_grad_norm_, and its state has the
+    checkpoint names of the layout train.py has always saved (written out here), so old checkpoints resume."""
     torch = pytest.importorskip('torch')
     rng = np.random.default_rng(1)
     # Haiku-shaped parameters: 2-D weights and embeddings decay, 1-D biases and gains do not
@@ -115,11 +116,13 @@ def test_adamw_matches_torch(grad_clip, device_type):
     grads_per_step = [jax.tree.map(lambda p, s=s: np.asarray(rng.normal(0, s, p.shape), np.float32), params)
                       for s in (2.0, 0.01, 1.0, 0.05, 3.0, 0.2, 0.02, 5.0)]
 
-    optimizer = model.configure_optimizers(params, wd, lr_max, betas, device_type, grad_clip)
+    optimizer = model.configure_optimizers(params, wd, lr_max, betas, grad_clip)
     state = optimizer.init(params)
     ours = params
-    other = model.configure_optimizers(params, wd, lr_max, betas, {'cpu': 'cuda', 'cuda': 'cpu'}[device_type], grad_clip)
-    assert jax.tree.structure(other.init(params)) == jax.tree.structure(state)
+    adam = 'optimizer.inner_state[1][0]' if grad_clip else 'optimizer.inner_state[0]'
+    assert sorted(flatten(state, 'optimizer')) == sorted(
+        ['optimizer.count', "optimizer.hyperparams['learning_rate']", f'{adam}.count']
+        + [f"{adam}.{m}['{module}']['{name}']" for m in ('mu', 'nu') for module, p in params.items() for name in p])
 
     @jax.jit
     def step(ours, state, grads, lr):
@@ -161,7 +164,7 @@ def test_accumulated_gradient_equals_big_batch_gradient():
     M, B, T = 4, 2, config.block_size
     x, y = tokens((M, B, T), 1), tokens((M, B, T), 2)
     step = jit(training.make_train_step(config, capture_grads(), axis_name=None))
-    new_state, metrics = step(state, training.Batch(x, y, np.arange(M, dtype=np.int32)), np.float32(1.0), np.int32(0))
+    new_state, metrics = step(state, training.Batch(x, y), np.float32(1.0), np.int32(0))
     accumulated = new_state.opt_state.inner_state
 
     # the gradient of nanoGPT's loss on the whole batch at once, computed plainly
@@ -178,11 +181,11 @@ PARALLEL_SCRIPT = textwrap.dedent('''
     import json, sys
     import numpy as np, jax
     sys.path.insert(0, sys.argv[1])
-    import model, training
+    import model, parallel, training
     assert jax.device_count() == 2, jax.devices()
     config = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, dropout=0.1, bias=False)
     params = jax.jit(lambda key: model.init_params(config, key))(jax.random.PRNGKey(0))
-    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 'cpu', 1.0)
+    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
     G, B, T = 4, 2, config.block_size  # 4 micro-batches per iteration in all
     rng = np.random.default_rng(0)
     xs = [rng.integers(0, 65, (G, B, T)).astype(np.int32) for _ in range(3)]
@@ -190,17 +193,17 @@ PARALLEL_SCRIPT = textwrap.dedent('''
     results = {}
     for n in (1, 2):
         devices = jax.devices()[:n]
-        step = training.parallel_train_step(training.make_train_step(config, optimizer), devices)
+        step = parallel.over_devices(training.make_train_step(config, optimizer), devices, (parallel.REPLICA, 0, None, None),
+                                     (parallel.REPLICA, 0), donate_argnums=(0,)).fn
         # replicate may hand the step these very buffers (one device), and the step donates them
-        state = training.replicate(training.init_train_state(jax.tree.map(np.array, params), optimizer, 'float32', 0), devices)
+        state = parallel.replicate(training.init_train_state(jax.tree.map(np.array, params), optimizer, 'float32', 0), devices)
         losses = []
         for it in range(3):
-            # micro-batch g goes to device g // (G // n), with its global index (its dropout key)
-            batch = training.Batch(xs[it].reshape(n, G // n, B, T), ys[it].reshape(n, G // n, B, T),
-                                   np.arange(G, dtype=np.int32).reshape(n, G // n))
-            state, metrics = step(state, training.shard(batch, devices), np.float32(1e-3), np.int32(it))
+            # micro-batch g goes to device g // (G // n), and its global index g picks its dropout key
+            batch = training.Batch(xs[it].reshape(n, G // n, B, T), ys[it].reshape(n, G // n, B, T))
+            state, metrics = step(state, parallel.shard(batch, devices), np.float32(1e-3), np.int32(it))
             losses.append(float(np.asarray(metrics['loss'])[0]))
-        host = training.unreplicate(state, devices)
+        host = parallel.unreplicate(state, devices)
         if n == 2:  # both devices hold the same parameters after the all-reduce
             for leaf in jax.tree.leaves(state.params):
                 a = np.asarray(leaf)
@@ -247,10 +250,10 @@ def tiny_params(config, seed=0):
 def one_step_setup(dtype, config=None, seed=0):
     config = config or tiny_config()
     params = tiny_params(config, seed)
-    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 'cpu', 1.0)
+    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
     state = jit(lambda p: training.init_train_state(p, optimizer, dtype, seed))(params)
     x, y = tokens((2, 4, config.block_size), 3), tokens((2, 4, config.block_size), 4)
-    batch = training.Batch(x, y, np.arange(2, dtype=np.int32))
+    batch = training.Batch(x, y)
     return config, optimizer, state, batch
 
 
@@ -348,42 +351,50 @@ def test_float16_step_and_dynamic_loss_scale(precision):
 # -----------------------------------------------------------------------------
 # data: the batch of iteration i is a pure function of (seed, i); windows are next-token pairs
 
-def test_train_chunk_runs_each_iteration_as_the_step_does():
-    """make_train_chunk: n iterations in one call (with dropout, its own batch, rate and iteration
+def test_train_calls_run_each_iteration_as_the_step_does():
+    """make_train_calls: n iterations in one call (with dropout, its own batch, rate and iteration
     number each) give what n calls of the step give; slots past n are not run."""
     config, optimizer, state0, batch = one_step_setup('float32', tiny_config(dropout=0.1))
     step = training.make_train_step(config, optimizer, axis_name=None)
     k, n = 4, 3
     x, y = tokens((k,) + batch.x.shape, 5), tokens((k,) + batch.y.shape, 6)
-    batches = training.Batch(x, y, np.broadcast_to(batch.micro, (k,) + batch.micro.shape))
+    batches = training.Batch(x, y)
     lrs = np.array([1e-3, 5e-4, 2e-4, 7.0], np.float32)  # the last slot's rate would blow up if it ran
     state, losses = state0, []
     one = jit(step)
     for i in range(n):
         state, m = one(state, jax.tree.map(lambda a: a[i], batches), lrs[i], np.int32(10 + i))
         losses.append(float(m['loss']))
-    chunk_state, metrics = jit(training.make_train_chunk(step, k))(state0, batches, lrs, np.int32(10), np.int32(n))
+    chunk_state, metrics = jit(training.make_train_calls(step, k))(state0, batches, lrs, np.int32(10), np.int32(n))
     np.testing.assert_allclose(np.asarray(metrics['loss'])[:n], losses, rtol=1e-6)
     assert len(set(losses)) == n  # three different iterations, not one repeated
     assert float(metrics['loss'][n]) == 0.0 and adam_count(chunk_state.opt_state) == n
     assert_trees_close(chunk_state.params, state.params, rtol=1e-5, atol=1e-7)
     # k=1: the plain step, its metrics given a leading axis of one
-    _, single = jit(training.make_train_chunk(step, 1))(state0, jax.tree.map(lambda a: a[:1], batches), lrs[:1], np.int32(10), np.int32(1))
+    _, single = jit(training.make_train_calls(step, 1))(state0, jax.tree.map(lambda a: a[:1], batches), lrs[:1], np.int32(10), np.int32(1))
     assert single['loss'].shape == (1,) and float(single['loss'][0]) == pytest.approx(losses[0], rel=1e-6)
 
 
+def fake_devices(platform, n, processes=1):
+    """Stand-ins for n devices per process of a platform, as parallel.plan_devices reads them."""
+    return [types.SimpleNamespace(platform=platform, process_index=p, id=p * n + i) for p in range(processes) for i in range(n)]
+
+
 def test_iters_per_call_only_batches_small_models_on_cpu():
-    assert training.iters_per_call('gpu', 1e6) == training.iters_per_call('tpu', 1e6) == 1
-    assert training.iters_per_call('cpu', 1e15) == 1  # GPT-2 sized steps: one per call
-    assert training.iters_per_call('cpu', training.CALL_FLOPS / 8) == 8
-    assert training.iters_per_call('cpu', 1.0) == training.MAX_ITERS_PER_CALL
+    def iters(platform, flops, given=0):
+        return parallel.plan_devices(fake_devices(platform, 1), 1, 12, 1e6, flops, given).iters_per_call
+    assert iters('gpu', 1e6) == iters('tpu', 1e6) == 1
+    assert iters('cpu', 1e15) == 1  # GPT-2 sized steps: one per call
+    assert iters('cpu', parallel.CALL_FLOPS / 8) == 8
+    assert iters('cpu', 1.0) == parallel.MAX_ITERS_PER_CALL
+    assert iters('cpu', 1.0, given=3) == iters('gpu', 1.0, given=3) == 3  # --iters_per_call wins
 
 
 FREED_MEMORY_SCRIPT = textwrap.dedent('''
     import ctypes, resource, sys, threading
     sys.path.insert(0, sys.argv[1])
-    import training
-    applied = training.keep_freed_memory('cpu', 12, 768) if sys.argv[2] == '1' else False
+    import parallel
+    applied = parallel.keep_freed_memory('cpu', 12, 768) if sys.argv[2] == '1' else False
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -407,9 +418,9 @@ FREED_MEMORY_SCRIPT = textwrap.dedent('''
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's mallopt: Linux only")
 def test_keep_freed_memory_reuses_a_freed_block_without_page_faults():
     """glibc by default maps a 256 MiB block afresh on every malloc (65,536 page faults of 4 KiB each
-    time); after training.keep_freed_memory a block malloc'd again on another thread reuses the freed one.
+    time); after parallel.keep_freed_memory a block malloc'd again on another thread reuses the freed one.
     Models small enough for host devices are left alone: there the two devices' threads contend for one arena."""
-    assert not training.keep_freed_memory('cpu', n_layer=4, n_embd=128)  # the README config: not applied
+    assert not parallel.keep_freed_memory('cpu', n_layer=4, n_embd=128)  # the README config: not applied
     for keep in ('0', '1'):
         out = subprocess.run([sys.executable, '-c', FREED_MEMORY_SCRIPT, REPO, keep], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -453,39 +464,44 @@ def test_batches_are_pure_functions_of_seed_and_iteration():
 
 def test_compile_ahead_compiles_jobs_side_by_side_from_shapes():
     """train.py compiles its train step, eval step and initial state in one compile_ahead call: each
-    compiled function must compute what jax.jit does, in the order given, and a failing job must raise."""
+    compiled function must compute what jax.jit does, under its own name, and a failing job must raise."""
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     double, matmul = jax.jit(lambda a: a * 2), jax.jit(lambda a, b: a @ b)
-    (c_double, s_double), (c_matmul, s_matmul) = training.compile_ahead(
-        (double, (jax.ShapeDtypeStruct(x.shape, x.dtype),)), (matmul, (training.abstract(x), training.abstract(x.T))))
+    devices = jax.devices()[:1]
+    done = parallel.compile_ahead({'double': (double, (jax.ShapeDtypeStruct(x.shape, x.dtype),)),
+                                   'matmul': (matmul, (parallel.abstract(x), parallel.abstract(x.T)))}, devices)
+    (c_double, s_double), (c_matmul, s_matmul) = done['double'], done['matmul']
     np.testing.assert_array_equal(np.asarray(c_double(x)), x * 2)
     np.testing.assert_array_equal(np.asarray(c_matmul(x, x.T)), x @ x.T)
     assert s_double > 0 and s_matmul > 0
     with pytest.raises(TypeError):  # shapes that do not fit: the error reaches the caller
-        training.compile_ahead((double, (training.abstract(x),)), (matmul, (training.abstract(x), training.abstract(x))))
+        parallel.compile_ahead({'double': (double, (parallel.abstract(x),)),
+                                'matmul': (matmul, (parallel.abstract(x), parallel.abstract(x)))}, devices)
 
 
 def test_single_device_step_updates_the_donated_state_in_place():
-    """On a single device the step is not pmapped (training.over_devices): its compiled program writes the
+    """On a single device the step is not pmapped (parallel.over_devices): its compiled program writes the
     new parameters and AdamW moments into the donated buffers. Under pmap over one device XLA copied
     every one of them after the update (3 copies per parameter array)."""
     config, devices = tiny_config(), jax.devices()[:1]
     params = model.init_params(config, jax.random.PRNGKey(0))
-    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 'cpu', 1.0)
+    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
     state = training.init_train_state(params, optimizer, 'float32', 0)
-    step = training.parallel_train_step(training.make_train_step(config, optimizer), devices)
-    batch = training.with_device_axis(training.Batch(*[jax.ShapeDtypeStruct((1, 2, config.block_size), np.int32)] * 2,
-                                                     jax.ShapeDtypeStruct((1,), np.int32)), devices)
+    step = parallel.over_devices(training.make_train_step(config, optimizer), devices, (parallel.REPLICA, 0, None, None),
+                                 (parallel.REPLICA, 0), donate_argnums=(0,))
+    batch = training.Batch(*[jax.ShapeDtypeStruct((1, 2, config.block_size), np.int32)] * 2)  # one device's shapes
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-    hlo = step.lower(training.replica_shapes(state, devices), batch, scalar(np.float32), scalar(np.int32)).compile().as_text()
+    compiled, _ = parallel.compile_ahead({'step': (step, (parallel.abstract(state), batch, scalar(np.float32), scalar(np.int32)))},
+                                         devices)['step']
+    hlo = compiled.as_text()
     entry = hlo[hlo.index('\nENTRY'):]
     copies = re.findall(r'= (\S+) copy\(', entry)
     n_arrays = len(jax.tree.leaves(params))
     assert len(copies) < n_arrays, copies
     # and it runs: the state in, the new state out, the loss with its device axis of 1
-    new_state, metrics = step(training.replicate(state, devices), training.shard(
-        training.Batch(tokens((1, 1, 2, config.block_size)), tokens((1, 1, 2, config.block_size), 1), np.zeros((1, 1), np.int32)),
-        devices), np.float32(1e-3), np.int32(0))
+    new_state, metrics = compiled(parallel.replicate(state, devices), parallel.shard(
+        training.Batch(tokens((1, 1, 2, config.block_size)), tokens((1, 1, 2, config.block_size), 1)), devices),
+        np.float32(1e-3), np.int32(0))
     assert metrics['loss'].shape == (1,) and np.isfinite(np.asarray(metrics['loss'])).all()
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
@@ -493,7 +509,7 @@ def test_single_device_step_updates_the_donated_state_in_place():
 def test_unreplicate_reads_the_first_device_copy():
     devices = jax.devices()[:1]
     tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'n': np.int32(7)}
-    host = training.unreplicate(training.replicate(tree, devices), devices)
+    host = parallel.unreplicate(parallel.replicate(tree, devices), devices)
     assert isinstance(host['w'], np.ndarray) and host['w'].shape == (2, 3)  # on the host, the leaf's own shape (two devices: PARALLEL_SCRIPT)
     np.testing.assert_array_equal(host['w'], tree['w'])
     assert int(host['n']) == 7
@@ -505,7 +521,7 @@ def test_prefetcher_hands_out_iterations_in_order_and_raises_their_errors():
     def make(i):
         if i == 5:
             raise ValueError('bad batch 5')
-        return training.Batch(np.full((1, 2, 3), i, np.int32), np.full((1, 2, 3), -i, np.int32), np.zeros((1, 1), np.int32))
+        return training.Batch(np.full((1, 2, 3), i, np.int32), np.full((1, 2, 3), -i, np.int32))
 
     prefetch = training.Prefetcher(make, devices, start=3)
     try:
@@ -751,38 +767,45 @@ def test_init_from_local_gpt2_directory_crops_and_overrides_dropout(tmp_path, da
 
 
 def test_device_plan_spreads_micro_batches_or_splits_rows():
-    """training.plan_devices / arrange / micro_ids against layouts written out by hand."""
-    def plan(*args):  # (devices per process, row_split, ranks, micro_steps, rows)
-        return tuple(training.plan_devices(*args))
+    """parallel.split_rows / plan_devices / split_batch against layouts written out by hand."""
+    split = parallel.split_rows  # (devices per process, processes, accumulation, batch_size, platform, params)
     # DDP: whole micro-batches per device, whenever they divide over all devices
-    assert plan(2, 1, 4, 12, 'cpu', 1e6) == (2, 1, 2, 2, 12)
-    assert plan(8, 1, 40, 12, 'gpu', 1e6) == (8, 1, 8, 5, 12)
+    assert split(2, 1, 4, 12, 'cpu', 1e6) == (2, 1)
+    assert split(8, 1, 40, 12, 'gpu', 1e6) == (8, 1)
     # a CPU's host devices split each micro-batch's rows when there are too few micro-batches
-    assert plan(2, 1, 1, 12, 'cpu', 1e6) == (2, 2, 1, 1, 6)  # the README CPU config
-    assert plan(4, 1, 2, 12, 'cpu', 1e6) == (4, 2, 2, 1, 6)  # 2 ranks of 2 devices
-    assert plan(2, 2, 2, 4, 'cpu', 1e6) == (2, 2, 2, 1, 2)   # 2 processes, one micro-batch each
+    assert split(2, 1, 1, 12, 'cpu', 1e6) == (2, 2)  # the README CPU config
+    assert split(4, 1, 2, 12, 'cpu', 1e6) == (4, 2)  # 2 micro-batches over 4 devices
+    assert split(2, 2, 2, 4, 'cpu', 1e6) == (2, 2)   # 2 processes, one micro-batch each
     # rows that do not divide: one host device
-    assert plan(2, 1, 1, 5, 'cpu', 1e6) == (1, 1, 1, 1, 5)
+    assert split(2, 1, 1, 5, 'cpu', 1e6) == (1, 1)
     # a large model uses one host device per process: the all-reduce and per-device AdamW cost more
-    assert plan(2, 1, 1, 12, 'cpu', training.HOST_DEVICES_MAX_PARAMS + 1) == (1, 1, 1, 1, 12)
+    assert split(2, 1, 1, 12, 'cpu', parallel.HOST_DEVICES_MAX_PARAMS + 1) == (1, 1)
     # GPUs never split rows: as with DDP, accumulation must divide over the devices
     with pytest.raises(ValueError, match=r'gradient_accumulation_steps=3 must be divisible by the number of devices \(2\)'):
-        training.plan_devices(2, 1, 3, 4, 'gpu', 1e6)
+        split(2, 1, 3, 4, 'gpu', 1e6)
     with pytest.raises(ValueError, match=r'\(2\)'):  # 2 processes, one CPU device each
-        training.plan_devices(2, 2, 3, 5, 'cpu', 1e6)
+        split(2, 2, 3, 5, 'cpu', 1e6)
+
+    # the plan: devices in pmap order, process by process, and how many micro-batches of how many rows each
+    devices = fake_devices('cpu', 2, processes=2)
+    plan = parallel.plan_devices(devices, 2, 4, 1e6, 1e12)
+    assert (plan.devices, plan.row_split, plan.micro_steps, plan.rows) == (devices, 2, 1, 2)
+    assert plan.local_devices == devices[:2]  # this process is process 0
+    plan = parallel.plan_devices(fake_devices('gpu', 8), 40, 12, 1e6, 1e12)
+    assert (len(plan.devices), plan.row_split, plan.micro_steps, plan.rows) == (8, 1, 5, 12)
 
     a_GB = np.arange(2 * 4).reshape(2, 4)  # micro-batch g, row b holds 4g + b
-    # 1 rank, rows split in 2: device 0 has rows 0-1 of both micro-batches, device 1 rows 2-3
-    np.testing.assert_array_equal(training.arrange(a_GB, 1, 2), [[[0, 1], [4, 5]], [[2, 3], [6, 7]]])
-    # 2 ranks: one micro-batch each, all rows
-    np.testing.assert_array_equal(training.arrange(a_GB, 2, 1), [[[0, 1, 2, 3]], [[4, 5, 6, 7]]])
-    # 2 ranks x 2 parts, in pmap order rank-major
-    np.testing.assert_array_equal(training.arrange(a_GB, 2, 2), [[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]])
-    # trailing axes (tokens) ride along
-    assert training.arrange(np.zeros((2, 4, 9)), 1, 2).shape == (2, 2, 2, 9)
-    # dropout keys: micro-batch index when whole, a distinct id per (micro-batch, part) when split
-    np.testing.assert_array_equal(training.micro_ids(2, 1, 2), [[0, 1], [2, 3]])
-    np.testing.assert_array_equal(training.micro_ids(1, 2, 2), [[0, 2], [1, 3]])
+    layout = lambda n, row_split, local=None: parallel.DevicePlan(
+        fake_devices('cpu', n), fake_devices('cpu', n)[:local], row_split, None, 4 // row_split, 1)
+    # 2 devices, rows split in 2: micro-batch g's halves are parts 2g and 2g+1; device 0 takes parts 0-1
+    np.testing.assert_array_equal(parallel.split_batch(a_GB, layout(2, 2)), [[[0, 1], [2, 3]], [[4, 5], [6, 7]]])
+    # 2 devices: one micro-batch each, all rows
+    np.testing.assert_array_equal(parallel.split_batch(a_GB, layout(2, 1)), [[[0, 1, 2, 3]], [[4, 5, 6, 7]]])
+    # 4 devices x 2 parts
+    np.testing.assert_array_equal(parallel.split_batch(a_GB, layout(4, 2)), [[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]])
+    # a process takes only its own devices' share; trailing axes (tokens) ride along
+    np.testing.assert_array_equal(parallel.split_batch(a_GB, layout(4, 2, local=2)), [[[0, 1]], [[2, 3]]])
+    assert parallel.split_batch(np.zeros((2, 4, 9)), layout(2, 2)).shape == (2, 2, 2, 9)
 
 
 def test_cpu_row_split_over_host_devices_equals_one_device(tmp_path, dataset, env):
