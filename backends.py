@@ -1,11 +1,13 @@
 """
-The backend-specific speed paths, behind one seam. model.py calls three functions here: matmul
-(a Linear's x @ w), lm_head (the tied x @ wte^T) and causal_attention (the role of
-F.scaled_dot_product_attention(is_causal=True)). Each computes exactly what its plain op computes;
-on a backend that runs the plain op slowly it takes the form that backend runs fast:
+The backend-specific speed paths, behind one seam. model.py calls four functions here: matmul
+(a Linear's x @ w), lm_head (the tied x @ wte^T), causal_attention (the role of
+F.scaled_dot_product_attention(is_causal=True)) and residual (a point on the residual stream). Each
+computes exactly what its plain op computes; on a backend that runs the plain op slowly it takes the
+form that backend runs fast:
 
-- XLA:CPU, when on_cpu(): the two products with hand-placed weight gradients (custom VJPs), and
-  attention a block of queries at a time with a hand-written backward;
+- XLA:CPU, when on_cpu(): the two products with hand-placed weight gradients (custom VJPs), attention
+  a block of queries at a time with a hand-written backward, and the residual stream's gradient
+  written to memory once;
 - GPUs in half precision: cuDNN's fused (flash) attention.
 
 Elsewhere each is the plain op. Every path here gained at least 3% on a benchmark when it was
@@ -79,6 +81,30 @@ def matmul(x_NI, w_IO):
 def lm_head(x_NC, w_VC):
     """x @ w^T, the tied lm_head's product with the token embedding table w."""
     return _cpu_lm_head(x_NC, w_VC) if on_cpu() else x_NC @ w_VC.T
+
+
+# -----------------------------------------------------------------------------
+# the residual stream
+
+def _written_out(y, like):
+    """y divided by an exact 1 built elementwise from `like` (1 whether like is NaN or not). XLA:CPU fuses a
+    chain of cheap elementwise ops into each of its consumers, recomputing it there, but not a divide: so y is
+    computed once and written to memory. A divide by a scalar 1 would be turned into a multiply and fused."""
+    return y / ((like == like).astype(y.dtype) + (like != like).astype(y.dtype))
+
+
+@jax.custom_vjp
+def _cpu_residual(x):
+    return x
+
+
+_cpu_residual.defvjp(lambda x: (x, x), lambda x, g: (_written_out(g, x),))
+
+
+def residual(x):
+    """x itself, a point on the residual stream. On the CPU its gradient, the backward's running sum over the
+    layers above, is written out once: XLA:CPU otherwise recomputed it inside every layer's LayerNorm backward."""
+    return _cpu_residual(x) if on_cpu() else x
 
 
 # -----------------------------------------------------------------------------

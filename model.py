@@ -138,9 +138,10 @@ class Block(hk.Module):
     name: str | None = None
 
     def __call__(self, x_BTC, is_training=False, kv=None, pos=0):
+        x_BTC = backends.residual(x_BTC)
         y_BTC, kv = CausalSelfAttention(self.config, name='attn')(
             LayerNorm(self.config.bias, name='ln_1')(x_BTC), is_training, kv, pos)
-        x_BTC = x_BTC + y_BTC
+        x_BTC = backends.residual(x_BTC + y_BTC)
         x_BTC = x_BTC + MLP(self.config, name='mlp')(LayerNorm(self.config.bias, name='ln_2')(x_BTC), is_training)
         return x_BTC, kv
 

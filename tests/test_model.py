@@ -438,6 +438,20 @@ def test_matmul_weight_gradient_is_a_plain_product_on_cpu():
     assert lhs_row_contractions(backends.lm_head, w_IO.T) == 1
 
 
+def test_residual_gradient_is_exact_whatever_the_stream_holds():
+    """backends.residual is x, and on the CPU its gradient is the incoming one bit for bit (divided by an
+    exact 1 to be written out), also where the stream holds NaN or infinity (a 1 made as x * 0 + 1 would turn
+    those gradients into NaN)."""
+    g = jnp.asarray([1.5, -0.0, 3e-38, -7.25, np.inf, np.nan, 2.0], jnp.float32)
+    x = jnp.asarray([0.3, np.nan, np.inf, -np.inf, 1.0, 2.0, -0.0], jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        y, vjp = jax.vjp(backends.residual, x.astype(dtype))
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(x.astype(dtype), np.float32))
+        got = jax.jit(vjp)(g.astype(dtype))[0]
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(g.astype(dtype), np.float32))
+
+
 def test_import_model_does_not_import_torch():
     code = "import sys, model; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
