@@ -136,8 +136,8 @@ def jax_calls(call):
 
 
 def measure_matmul_peak(n=2048, reps=10):
-    """FLOP/s of an n x n fp32 matmul on the device: the best of several runs (on a shared CPU host a
-    run of 5 after one warm-up call measured as low as ~100 of ~195 GFLOP/s, BENCHMARKS.md)."""
+    """FLOP/s of an n x n fp32 matmul on the device: the best of several runs, since on a shared CPU host
+    a single run can measure half the peak."""
     with jax.default_device(devices[0]):
         a = jnp.ones((n, n), jnp.float32)
         f = jax.jit(lambda a, b: a @ b)
@@ -269,9 +269,8 @@ if compare == 'torch':
 
 # -----------------------------------------------------------------------------
 # timing: with --compare=torch the two take turns of TURN steps, so that both see the same load on a
-# shared machine (and the same thermal state), and the first step of each turn is not timed: torch's
-# OpenMP threads spin-wait after its last op and would slow the other's first step (measured: step by
-# step alternation made the README CPU config's JAX step 12% slower); medians after burn-in
+# shared machine, and the first step of each turn is not timed: torch's OpenMP threads spin-wait after
+# its last op and would slow the other's first step; medians after burn-in
 TURN = 5
 
 runners = [('jax', jax_step)] + ([('torch', torch_timed)] if compare == 'torch' else [])

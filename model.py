@@ -29,7 +29,7 @@ import optax
 import backends
 
 
-def dropout(x, rate, is_training):
+def apply_dropout(x, rate, is_training):
     return hk.dropout(hk.next_rng_key(), rate, x) if is_training and rate > 0.0 else x
 
 
@@ -108,10 +108,10 @@ class CausalSelfAttention(hk.Module):
             mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]  # query pos+t sees keys 0..pos+t
             att_BHTS = jnp.einsum('bthd,bshd->bhts', q_BTHD, k_BSHD.astype(q_BTHD.dtype)).astype(jnp.float32)
             att_BHTS = jax.nn.softmax(jnp.where(mask_TS, att_BHTS * (1.0 / math.sqrt(D)), -jnp.inf), axis=-1)
-            att_BHTS = dropout(att_BHTS.astype(q_BTHD.dtype), cfg.dropout, is_training)
+            att_BHTS = apply_dropout(att_BHTS.astype(q_BTHD.dtype), cfg.dropout, is_training)
             y_BTHD = jnp.einsum('bhts,bshd->bthd', att_BHTS, v_BSHD.astype(q_BTHD.dtype))
         y_BTC = Linear(C, cfg.bias, std=residual_std(cfg), name='c_proj')(y_BTHD.reshape(B, T, C))
-        return dropout(y_BTC, cfg.dropout, is_training), kv
+        return apply_dropout(y_BTC, cfg.dropout, is_training), kv
 
 
 def gelu(x):
@@ -129,7 +129,7 @@ class MLP(hk.Module):
         h_BTF = Linear(4 * cfg.n_embd, cfg.bias, name='c_fc')(x_BTC)
         h_BTF = gelu(h_BTF) if cfg.activation == 'gelu' else jax.nn.gelu(h_BTF, approximate=True)
         x_BTC = Linear(cfg.n_embd, cfg.bias, std=residual_std(cfg), name='c_proj')(h_BTF)
-        return dropout(x_BTC, cfg.dropout, is_training)
+        return apply_dropout(x_BTC, cfg.dropout, is_training)
 
 
 @dataclass
@@ -183,7 +183,7 @@ class GPT(hk.Module):
         wte_VC = Embedding(cfg.vocab_size, cfg.n_embd, name='wte')()
         wpe_TC = Embedding(cfg.block_size, cfg.n_embd, name='wpe')()
         x_BTC = jnp.take(wte_VC, idx_BT, axis=0) + jnp.take(wpe_TC, pos + jnp.arange(T), axis=0)
-        x_BTC = dropout(x_BTC, cfg.dropout, is_training)
+        x_BTC = apply_dropout(x_BTC, cfg.dropout, is_training)
         new_cache = []
         for i in range(cfg.n_layer):
             x_BTC, kv = Block(cfg, name=f'h_{i}')(x_BTC, is_training, None if cache is None else cache[i], pos)
@@ -414,11 +414,11 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
     tokens, which then sit at positions 0..block_size-1: every position shifts each step and cached keys
     go stale, so from there each step recomputes the cropped window, as nanoGPT does (the same tokens)."""
     check_sampling(max_new_tokens, temperature, top_k)
-    decode, forward = gpt_decode(config).apply, gpt_forward(config).apply
+    decode_step, forward = gpt_decode(config).apply, gpt_forward(config).apply
     block_size = config.block_size
 
     @jax.jit
-    def generate(params, idx_BT, key):
+    def generate_tokens(params, idx_BT, key):
         B, T = idx_BT.shape
         idx_BN = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(idx_BT.astype(jnp.int32))
 
@@ -429,7 +429,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
         def cached_step(i, carry):  # the newest token joins the cache at position T + i - 1
             idx_BN, cache = carry
             tok_B1 = jax.lax.dynamic_slice_in_dim(idx_BN, T + i - 1, 1, axis=1)
-            logits_BV, cache = decode(params, tok_B1, cache, T + i - 1)
+            logits_BV, cache = decode_step(params, tok_B1, cache, T + i - 1)
             return put_next(i, logits_BV, idx_BN), cache
 
         def window_step(i, idx_BN):  # nanoGPT's crop: the last block_size tokens, at positions 0..block_size-1
@@ -440,7 +440,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
         n_cached = min(max_new_tokens, block_size - T + 1) if T <= block_size else 0
         if T <= block_size:  # token 0: prefill the whole prompt at positions 0..T-1 in one pass
             cache = init_cache(config, B, params['transformer/wte']['weight'].dtype)
-            logits_BV, cache = decode(params, idx_BT.astype(jnp.int32), cache, 0)
+            logits_BV, cache = decode_step(params, idx_BT.astype(jnp.int32), cache, 0)
             idx_BN, _ = jax.lax.fori_loop(1, n_cached, cached_step, (put_next(0, logits_BV, idx_BN), cache))
         else:
             idx_BN = window_step(0, idx_BN)
@@ -448,7 +448,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
             idx_BN = jax.lax.fori_loop(max(n_cached, 1), max_new_tokens, window_step, idx_BN)
         return idx_BN
 
-    return generate
+    return generate_tokens
 
 
 def generate(params, config, idx_BT, max_new_tokens, temperature=1.0, top_k=None, key=None):
