@@ -364,11 +364,11 @@ while True:
     state, metrics = train_step(state, prefetch.get(iter_num), lrs, np.int32(iter_num), np.int32(end - iter_num))
 
     # timing and logging. note: the losses are a sync point, and every process checks them for nan
-    losses = parallel.first_shard(metrics['loss']).reshape(-1)[:end - iter_num].tolist()
+    lossfs = parallel.first_shard(metrics['loss']).reshape(-1)[:end - iter_num].tolist()
     t1 = time.time()
     dt = (t1 - t0) / (end - iter_num) # each iteration of the call takes its share of the call's time
     t0 = t1
-    for it, lossf in enumerate(losses, start=iter_num):
+    for it, lossf in enumerate(lossfs, start=iter_num):
         if not math.isfinite(lossf):
             stop_diverged(it, f"loss is {lossf}")
         if it % log_interval == 0 and master_process:
