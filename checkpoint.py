@@ -133,6 +133,20 @@ def load_checkpoint(path):
     return arrays, meta
 
 
+def describe(out_dir, state):
+    """What a run that stops leaves behind, for its last line: 'the checkpoint in out (iter 250) is <state>',
+    read from the file's header (its arrays are not read), or 'no checkpoint was written'."""
+    path = os.path.join(out_dir, CKPT_NAME)
+    if not os.path.exists(path):
+        return "no checkpoint was written"
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework='numpy') as f:
+            return f"the checkpoint in {out_dir} (iter {json.loads(f.metadata()['meta'])['iter_num']}) is {state}"
+    except Exception:
+        return f"the checkpoint in {out_dir} is {state}"
+
+
 def flatten(tree, prefix):
     """Pytree -> {prefix + key path: leaf}, e.g. flatten(opt_state, 'optimizer') gives
     'optimizer.count', "optimizer.hyperparams['learning_rate']", ..."""

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import haiku as hk
 import optax
+from jax.experimental import io_callback
 
 import backends
 
@@ -86,7 +87,7 @@ class CausalSelfAttention(hk.Module):
     name: str | None = None
 
     def __call__(self, x_BTC, is_training=False, kv=None, pos=0):
-        """kv: an optional cache (k_BSHD, v_BSHD) into which the T new tokens go at positions pos..pos+T-1.
+        """kv: an optional cache (k_BHDS, v_BHSD) into which the T new tokens go at positions pos..pos+T-1.
         Returns (y_BTC, the updated cache or None)."""
         cfg = self.config
         B, T, C = x_BTC.shape
@@ -98,18 +99,19 @@ class CausalSelfAttention(hk.Module):
             # efficient attention (flash's role), in each device's fastest form
             y_BTHD = backends.causal_attention(q_BTHD, k_BTHD, v_BTHD)
         else:
-            # manual implementation of attention: with attention dropout, or over the KV cache
-            k_BSHD, v_BSHD = k_BTHD, v_BTHD
+            # manual implementation of attention: with attention dropout, or over the KV cache, which keeps
+            # keys and values in the layouts the two products read (else XLA transposes the whole cache each step)
+            k_BHDS, v_BHSD = k_BTHD.transpose(0, 2, 3, 1), v_BTHD.transpose(0, 2, 1, 3)
             if kv is not None:
-                k_BSHD = jax.lax.dynamic_update_slice(kv[0], k_BTHD.astype(kv[0].dtype), (0, pos, 0, 0))
-                v_BSHD = jax.lax.dynamic_update_slice(kv[1], v_BTHD.astype(kv[1].dtype), (0, pos, 0, 0))
-                kv = (k_BSHD, v_BSHD)
-            S = k_BSHD.shape[1]
+                k_BHDS = jax.lax.dynamic_update_slice(kv[0], k_BHDS.astype(kv[0].dtype), (0, 0, 0, pos))
+                v_BHSD = jax.lax.dynamic_update_slice(kv[1], v_BHSD.astype(kv[1].dtype), (0, 0, pos, 0))
+                kv = (k_BHDS, v_BHSD)
+            S = k_BHDS.shape[-1]
             mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]  # query pos+t sees keys 0..pos+t
-            att_BHTS = jnp.einsum('bthd,bshd->bhts', q_BTHD, k_BSHD.astype(q_BTHD.dtype)).astype(jnp.float32)
+            att_BHTS = jnp.einsum('bthd,bhds->bhts', q_BTHD, k_BHDS.astype(q_BTHD.dtype)).astype(jnp.float32)
             att_BHTS = jax.nn.softmax(jnp.where(mask_TS, att_BHTS * (1.0 / math.sqrt(D)), -jnp.inf), axis=-1)
             att_BHTS = apply_dropout(att_BHTS.astype(q_BTHD.dtype), cfg.dropout, is_training)
-            y_BTHD = jnp.einsum('bhts,bshd->bthd', att_BHTS, v_BSHD.astype(q_BTHD.dtype))
+            y_BTHD = jnp.einsum('bhts,bhsd->bthd', att_BHTS, v_BHSD.astype(q_BTHD.dtype))
         y_BTC = Linear(C, cfg.bias, std=residual_std(cfg), name='c_proj')(y_BTHD.reshape(B, T, C))
         return apply_dropout(y_BTC, cfg.dropout, is_training), kv
 
@@ -220,9 +222,9 @@ def gpt_decode(config):
 
 
 def init_cache(config, batch_size, dtype=jnp.float32):
-    """An empty KV cache: per layer (k_BSHD, v_BSHD) with S = block_size slots."""
-    shape = (batch_size, config.block_size, config.n_head, config.n_embd // config.n_head)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)]
+    """An empty KV cache: per layer (k_BHDS, v_BHSD) with S = block_size slots."""
+    B, H, D, S = batch_size, config.n_head, config.n_embd // config.n_head, config.block_size
+    return [(jnp.zeros((B, H, D, S), dtype), jnp.zeros((B, H, S, D), dtype)) for _ in range(config.n_layer)]
 
 
 def init_params(config, rng):
@@ -387,15 +389,27 @@ def crop_top_k(logits_BV, top_k):
     return jnp.where(logits_BV < v_BK[:, -1:], -jnp.inf, logits_BV)
 
 
-def sample_next(logits_BV, key, temperature, top_k):
-    """One draw of nanoGPT's rule: logits / temperature, cropped to the top k, softmax, one token per row.
-    temperature 0.0 is greedy, the argmax (nanoGPT would divide by zero)."""
+def top_p_filter(logits_BV, top_p):
+    """Nucleus sampling's cut, as Hugging Face's TopPLogitsWarper: tokens sorted by probability, the least likely
+    whose probabilities sum to at most 1 - top_p become -inf; the most likely token always stays."""
+    order_BV = jnp.argsort(logits_BV, axis=-1)  # ascending
+    sorted_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
+    cut_BV = (jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1) <= 1.0 - top_p).at[:, -1].set(False)
+    cut_BV = jnp.zeros_like(cut_BV).at[jnp.arange(logits_BV.shape[0])[:, None], order_BV].set(cut_BV)
+    return jnp.where(cut_BV, -jnp.inf, logits_BV)
+
+
+def sample_next(logits_BV, keys_B, temperature, top_k, top_p=1.0):
+    """One draw of nanoGPT's rule, row b with its own key keys_B[b]: logits / temperature, cropped to the top k
+    (then to the top p), softmax, one token. temperature 0.0 is greedy, the argmax (nanoGPT would divide by zero)."""
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, crop_top_k(logits_BV / temperature, top_k), axis=-1).astype(jnp.int32)
+    logits_BV = crop_top_k(logits_BV / temperature, top_k)
+    logits_BV = top_p_filter(logits_BV, top_p) if top_p < 1.0 else logits_BV
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
 
 
-def check_sampling(max_new_tokens, temperature, top_k):
+def check_sampling(max_new_tokens, temperature, top_k, top_p=1.0):
     """ValueError, one line, for settings make_generate cannot draw with."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -403,56 +417,73 @@ def check_sampling(max_new_tokens, temperature, top_k):
         raise ValueError(f"temperature must be >= 0.0 (0.0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1 (None or >= the vocabulary size keeps every token), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 keeps every token), got {top_p}")
 
 
-def make_generate(config, max_new_tokens, temperature=1.0, top_k=None):
-    """nanoGPT's GPT.generate as one compiled function (params, idx_BT, key) -> idx_BN, N = T + max_new_tokens,
-    idx_BN starting with the prompt. New token i is drawn with jax.random.fold_in(key, i).
+def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, stop=(), on_tokens=None):
+    """nanoGPT's GPT.generate as one compiled function (params, idx_BT, keys_B) -> idx_BN, N = T + max_new_tokens,
+    idx_BN starting with the prompt. Row b's new token i is drawn with fold_in(keys_B[b], i): a row's tokens do
+    not depend on the other rows. stop: token ids; a row is done once its new tokens end with them, and the loop
+    ends when every row is done (what follows in a row is for the caller to cut). on_tokens(n, idx_BN): a host
+    function, called from the loop once n new tokens are in; it returns at which n to be called next.
 
     While the sequence fits in block_size, the prompt is prefilled into the KV cache once and each further
     step feeds only the newest token. Past block_size nanoGPT crops the context to its last block_size
     tokens, which then sit at positions 0..block_size-1: every position shifts each step and cached keys
     go stale, so from there each step recomputes the cropped window, as nanoGPT does (the same tokens)."""
-    check_sampling(max_new_tokens, temperature, top_k)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     decode_step, forward = gpt_decode(config).apply, gpt_forward(config).apply
-    block_size = config.block_size
+    block_size, stop_S = config.block_size, np.asarray(stop, np.int32)
 
     @jax.jit
-    def generate_tokens(params, idx_BT, key):
+    def generate_tokens(params, idx_BT, keys_B):
         B, T = idx_BT.shape
         idx_BN = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(idx_BT.astype(jnp.int32))
 
-        def put_next(i, logits_BV, idx_BN):  # new token i, from the logits of the T + i tokens before it
-            next_B = sample_next(logits_BV, jax.random.fold_in(key, i), temperature, top_k)
-            return jax.lax.dynamic_update_slice_in_dim(idx_BN, next_B[:, None], T + i, axis=1)
+        def put_next(i, logits_BV, idx_BN, done_B, report):  # new token i, from the T + i tokens before it
+            next_B = sample_next(logits_BV, jax.vmap(jax.random.fold_in, (0, None))(keys_B, i), temperature, top_k, top_p)
+            idx_BN = jax.lax.dynamic_update_slice_in_dim(idx_BN, next_B[:, None], T + i, axis=1)
+            if len(stop_S):
+                tail_BS = jax.lax.dynamic_slice_in_dim(idx_BN, T + i + 1 - len(stop_S), len(stop_S), axis=1)
+                done_B = done_B | ((i + 1 >= len(stop_S)) & jnp.all(tail_BS == stop_S, axis=1))
+            if on_tokens is not None:
+                call = lambda: io_callback(on_tokens, jax.ShapeDtypeStruct((), jnp.int32), i + 1, idx_BN, ordered=True)
+                report = jax.lax.cond(i + 1 >= report, call, lambda: report)
+            return idx_BN, done_B, report
 
-        def cached_step(i, carry):  # the newest token joins the cache at position T + i - 1
-            idx_BN, cache = carry
-            tok_B1 = jax.lax.dynamic_slice_in_dim(idx_BN, T + i - 1, 1, axis=1)
+        def cached_step(carry):  # the newest token joins the cache at position T + i - 1
+            i, cache, *state = carry
+            tok_B1 = jax.lax.dynamic_slice_in_dim(state[0], T + i - 1, 1, axis=1)
             logits_BV, cache = decode_step(params, tok_B1, cache, T + i - 1)
-            return put_next(i, logits_BV, idx_BN), cache
+            return (i + 1, cache, *put_next(i, logits_BV, *state))
 
-        def window_step(i, idx_BN):  # nanoGPT's crop: the last block_size tokens, at positions 0..block_size-1
-            window_BT = jax.lax.dynamic_slice_in_dim(idx_BN, T + i - block_size, block_size, axis=1)
-            return put_next(i, forward(params, None, window_BT)[0][:, -1, :], idx_BN)
+        def window_step(carry):  # nanoGPT's crop: the last block_size tokens, at positions 0..block_size-1
+            i, *state = carry
+            window_BT = jax.lax.dynamic_slice_in_dim(state[0], T + i - block_size, block_size, axis=1)
+            return (i + 1, *put_next(i, forward(params, None, window_BT)[0][:, -1, :], *state))
 
-        # split at trace time (T is static): each loop body is straight-line code, no lax.cond
+        until = lambda end: lambda carry: (carry[0] < end) & ~jnp.all(carry[-2])  # carry[-2]: done_B
+        # split at trace time (T is static): each loop body is straight-line code
         n_cached = min(max_new_tokens, block_size - T + 1) if T <= block_size else 0
+        state = (idx_BN, jnp.zeros((B,), bool), jnp.int32(1))
         if T <= block_size:  # token 0: prefill the whole prompt at positions 0..T-1 in one pass
             cache = init_cache(config, B, params['transformer/wte']['weight'].dtype)
             logits_BV, cache = decode_step(params, idx_BT.astype(jnp.int32), cache, 0)
-            idx_BN, _ = jax.lax.fori_loop(1, n_cached, cached_step, (put_next(0, logits_BV, idx_BN), cache))
+            _, _, *state = jax.lax.while_loop(until(n_cached), cached_step, (jnp.int32(1), cache, *put_next(0, logits_BV, *state)))
         else:
-            idx_BN = window_step(0, idx_BN)
+            _, *state = window_step((jnp.int32(0), *state))
         if max(n_cached, 1) < max_new_tokens:
-            idx_BN = jax.lax.fori_loop(max(n_cached, 1), max_new_tokens, window_step, idx_BN)
-        return idx_BN
+            _, *state = jax.lax.while_loop(until(max_new_tokens), window_step, (jnp.int32(max(n_cached, 1)), *state))
+        return state[0]
 
     return generate_tokens
 
 
 def generate(params, config, idx_BT, max_new_tokens, temperature=1.0, top_k=None, key=None):
-    """nanoGPT's model.generate(idx, max_new_tokens, temperature, top_k) with an explicit PRNG key (unused
-    when temperature is 0). Compiles on every call: keep make_generate's function to sample repeatedly."""
+    """nanoGPT's model.generate(idx, max_new_tokens, temperature, top_k) with an explicit PRNG key (row b draws
+    with fold_in(key, b); unused when temperature is 0). Compiles on every call: keep make_generate's function
+    to sample repeatedly."""
     key = jax.random.PRNGKey(0) if key is None else key
-    return make_generate(config, max_new_tokens, temperature, top_k)(params, jnp.asarray(idx_BT), key)
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(idx_BT)))
+    return make_generate(config, max_new_tokens, temperature, top_k)(params, jnp.asarray(idx_BT), keys_B)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import jax
+from tqdm import tqdm
 
 AXIS = 'batch'  # the pmap axis: the devices sharing one iteration (DDP's world)
 REPLICA = 'replica'  # over_devices' in/out axis for the train state: a whole copy on every device
@@ -39,13 +40,26 @@ def die(msg):
 _dying = threading.Lock()
 
 
+def on_interrupt(describe):
+    """Ctrl-C from here on, wherever it lands: one line, `error: ` and describe(), exit status 130, no
+    traceback. A save it interrupts has removed its temp file by then (checkpoint.save_checkpoint)."""
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, tb)
+        print(f"error: {describe()}", file=sys.stderr)
+        exit_alone(130)
+    sys.excepthook = excepthook
+
+
 def exit_alone(code):
-    """Leaves a multi-process run without jax.distributed's exit handler, which waits up to 5 minutes for
-    every process: the others' next collective then fails at once. Process 0 hosts the coordinator, so it
-    leaves last, after a moment in which the others can report the same error themselves."""
+    """Leaves at once, without exit handlers: in a multi-process run jax.distributed's waits up to 5 minutes
+    for every process, where the others' next collective should fail at once instead. Process 0 hosts the
+    coordinator, so it leaves last, after a moment in which the others can report the same error themselves."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if jax.process_index() == 0:
+    if jax.distributed.is_initialized() and jax.process_index() == 0:
         time.sleep(2)
     os._exit(code)
 
@@ -330,6 +344,37 @@ def shard(tree, devices):
 def first_shard(a):
     """A per-device output as numpy, the first local device's part (the same on every device after a pmean)."""
     return np.asarray(a.addressable_shards[0].data)
+
+
+# -----------------------------------------------------------------------------
+# the host's view of a long compiled loop
+
+class Progress:
+    """A tqdm bar fed from inside a compiled loop through a host callback (e.g. model.make_generate's
+    on_tokens): called with the steps done, it returns at which step it wants to be called next, about
+    `every` seconds later, since each callback stalls the loop (~0.7 ms on a CPU). The bar appears only once
+    the work has run for `delay` seconds. start(total) before each run, close() after."""
+
+    def __init__(self, desc, every=0.25, delay=2.0, disable=False):
+        self.desc, self.every, self.delay, self.disable, self.bar = desc, every, delay, disable, None
+
+    def start(self, total, desc=None):
+        self.bar = tqdm(total=total, desc=desc or self.desc, delay=self.delay, disable=self.disable, leave=False)
+        self.t, self.n = time.time(), 0
+
+    def __call__(self, n, *args):
+        n = int(n)
+        self.show(n, *map(np.asarray, args))  # numpy: a jax array sliced anew each call would compile each time
+        now = time.time()
+        per_second = max(n - self.n, 1) / max(now - self.t, 1e-6)
+        self.t, self.n = now, n
+        return np.int32(n + max(1, int(per_second * self.every)))
+
+    def show(self, n, *args):
+        self.bar.update(n - self.bar.n)
+
+    def close(self):
+        self.bar.close()
 
 
 # -----------------------------------------------------------------------------

@@ -7,9 +7,12 @@ $ python sample.py --init_from=gpt2-xl --start="What is the answer to life, the 
 $ python sample.py --init_from=path/to/dir --start=FILE:prompt.txt --temperature=0
                                                             # a save_pretrained GPT-2 dir; greedy
 
---temperature=0 is greedy decoding (top_k and seed do not matter then). Sample k uses the key
-fold_in(PRNGKey(seed), k), so a run is reproducible. Decoding runs model.make_generate: a KV cache
-inside one compiled loop, the tokens nanoGPT's generate picks, past block_size too.
+$ python sample.py --out_dir=out-shakespeare-char --num_samples=1 --stream=True --stop="\n\n" --top_p=0.9
+
+--temperature=0 is greedy decoding (top_k, top_p and seed do not matter then). Sample k uses the key
+fold_in(PRNGKey(seed), k), so it is the same token for token whether drawn alone or in a batch, and a run
+is reproducible. Decoding runs model.make_generate: batch_size samples side by side in one compiled loop
+with a KV cache, the tokens nanoGPT's generate picks, past block_size too.
 """
 import os
 import time
@@ -31,6 +34,10 @@ num_samples = 10 # number of samples to draw
 max_new_tokens = 500 # number of tokens generated in each sample
 temperature = 0.8 # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, in predictions; 0.0 = greedy
 top_k = 200 # retain only the top_k most likely tokens, clamp others to have 0 probability
+top_p = 1.0 # nucleus sampling after top_k: keep the fewest most likely tokens whose probabilities sum to top_p; 1.0 = off
+stop = '' # a sample ends where this string first appears in its new text, which is printed without it; '' = none
+stream = False # print each sample's text as it is produced (one sample at a time: batch_size=1 or num_samples=1)
+batch_size = 16 # samples drawn side by side in one compiled call; lower it if memory is short
 seed = 1337
 device = 'cuda' # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc.; 'cuda' falls back to what JAX has
 dtype = 'auto' # 'float32', 'bfloat16', or 'float16'; 'auto': bfloat16 on GPU/TPU, float32 on CPU
@@ -39,10 +46,13 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 
 parallel.pin_platform(device)
-if num_samples < 1:
-    die(f"num_samples must be at least 1, got {num_samples}")
+if num_samples < 1 or batch_size < 1:
+    die(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
+batch_size = min(batch_size, num_samples)
+if stream and batch_size > 1:
+    die(f"stream=True prints one sample at a time, not a batch of {batch_size}: add --batch_size=1")
 try:
-    check_sampling(max_new_tokens, temperature, top_k)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
 except ValueError as e:
     die(e)
 if start.startswith('FILE:'): # read before any model loads, so that a wrong path fails fast
@@ -94,9 +104,9 @@ if meta is not None:
         die(f"the vocabulary in {meta_dir} has {meta['vocab_size']} tokens but the checkpoint's model has "
             f"{gptconf.vocab_size}: the dataset was prepared again differently, or this is another model")
     stoi, itos = meta['stoi'], meta['itos']
-    unknown = sorted(set(c for c in start if c not in stoi))
+    unknown = sorted(set(c for c in start + stop if c not in stoi))
     if unknown:
-        die(f"the prompt has characters outside the {ckpt_meta['config']['dataset']} vocabulary: "
+        die(f"the prompt or stop string has characters outside the {ckpt_meta['config']['dataset']} vocabulary: "
             f"{', '.join(repr(c) for c in unknown)}")
     encode = lambda s: [stoi[c] for c in s]
     decode = lambda l: ''.join([itos[i] for i in l])
@@ -121,23 +131,57 @@ if not start_ids:
 if max(start_ids) >= gptconf.vocab_size:
     die(f"the prompt encodes to token {max(start_ids)} but the model's vocabulary has only "
         f"{gptconf.vocab_size} tokens: use a prompt within its vocabulary")
-x = jax.device_put(jnp.asarray(start_ids, dtype=jnp.int32)[None, ...], dev)
-key = jax.device_put(jax.random.PRNGKey(seed), dev)
+stop_ids = encode(stop)
+if stop and not stop_ids:
+    die(f"the stop string {stop!r} encodes to no tokens: give another --stop")
+x = jax.device_put(jnp.asarray([start_ids] * batch_size, dtype=jnp.int32), dev)
+key = jax.random.PRNGKey(seed)
+T = len(start_ids)
 
-# run generation: compiled once (timed apart), then one call per sample
+def new_text(idx_N, n, final=True):
+    """The text of a sample's first n new tokens, cut where the stop string begins. Not final: without what
+    may still change (a stop string's possible beginning, a character whose bytes are not all in yet)."""
+    text = decode(np.asarray(idx_N[T:T + n]).tolist())
+    if stop and stop in text:
+        return text[:text.index(stop)]
+    return text if final else text[:len(text) - max(len(stop) - 1, 0)].rstrip('\ufffd')
+
+class Streamer(parallel.Progress):
+    """stream=True: prints a sample's new text as the compiled loop produces it, about every 20 ms."""
+    def start(self, total):
+        super().start(total)
+        self.printed = ''
+        print(decode(start_ids), end='', flush=True)
+
+    def show(self, n, idx_BN, final=False):
+        text = new_text(idx_BN[0], n, final)
+        print(text[len(self.printed):], end='', flush=True)
+        self.printed = text
+
+# run generation: compiled once (timed apart), then one call per batch of samples
+progress = Streamer('', every=0.02, disable=True) if stream else parallel.Progress('sampling')
+keys_of = lambda first: jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(first, first + batch_size))
 t0 = time.time()
 try:
-    generate = make_generate(gptconf, max_new_tokens, temperature, top_k).lower(params, x, key).compile()
+    generate = make_generate(gptconf, max_new_tokens, temperature, top_k, top_p, stop_ids, on_tokens=progress) \
+        .lower(params, x, keys_of(0)).compile()
 except jax.errors.JaxRuntimeError as e: # e.g. an XLA backend without some op in this dtype
     die(f"could not compile the decoder in {dtype} on {dev} ({str(e).splitlines()[0]}): "
         f"try another --dtype (float32, bfloat16)")
 compile_time = time.time() - t0
 decode_time = 0.0
-for k in range(num_samples):
+for first in range(0, num_samples, batch_size):
+    progress.start(max_new_tokens)
     t0 = time.time()
-    y = jax.block_until_ready(generate(params, x, jax.random.fold_in(key, k)))
+    y = np.asarray(jax.block_until_ready(generate(params, x, jax.device_put(keys_of(first), dev))))
     decode_time += time.time() - t0
-    print(decode(np.asarray(y[0]).tolist()))
-    print('---------------')
+    progress.close()
+    for row in y[:num_samples - first]:
+        if stream:
+            progress.show(max_new_tokens, row[None], final=True)
+            print()
+        else:
+            print(decode(start_ids) + new_text(row, max_new_tokens))
+        print('---------------')
 print(f"{num_samples * max_new_tokens:,} tokens in {decode_time:.2f}s: "
       f"{num_samples * max_new_tokens / decode_time:,.1f} tokens/s (compile {compile_time:.1f}s, not counted)")

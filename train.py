@@ -25,7 +25,7 @@ import jax
 from model import GPTConfig, param_shapes, get_num_params, crop_block_size, from_pretrained, \
     configure_optimizers, estimate_mfu, flops_per_iter
 from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpoint, flatten, unflatten_like, \
-    params_to_arrays, params_from_arrays, load_meta
+    params_to_arrays, params_from_arrays, load_meta, describe
 import parallel
 from parallel import die
 import training
@@ -133,6 +133,8 @@ def get_batch(split, starts, vocab_size):
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
+# Ctrl-C from here on: one line saying where the run got to and what is on disk
+parallel.on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intact')}: continue with --init_from=resume")
 
 # attempt to derive vocab_size from the dataset
 try:
@@ -236,6 +238,7 @@ def train_batches(it):
 
 # eval_iters batches per split, padded to a multiple of the devices; the padding is masked out
 eval_batches = -(-eval_iters // len(plan.devices)) * len(plan.devices)
+eval_progress = parallel.Progress('eval', disable=not master_process) # a bar when an eval runs long
 
 def eval_batch(split, it):
     """This process's share of split's eval batches at iteration it, and which of them count."""
@@ -255,7 +258,7 @@ optimizer = configure_optimizers(param_shapes(gptconf), weight_decay, learning_r
 print("compiling the training step" + (f" ({plan.iters_per_call} iterations per call)" if plan.iters_per_call > 1 else "") + "...")
 t_compile = time.time()
 try:
-    compiled = training.compile_steps(gptconf, optimizer, plan, dtype, seed, eval_batches, from_scratch=params is None)
+    compiled = training.compile_steps(gptconf, optimizer, plan, dtype, seed, eval_batches, params is None, eval_progress)
 except Exception as e:
     if dtype == 'float32':
         raise # a float32 step that does not compile is a bug: show all of it
@@ -288,18 +291,17 @@ def estimate_loss():
     out = {}
     for split in ['train', 'val']:
         x, y, valid = parallel.shard(eval_batch(split, iter_num), plan.local_devices)
+        eval_progress.start(valid.shape[1], f"eval {split}")
         total = eval_step(state.params, x, y, valid) # summed over batches and devices (each batch row_split times)
         out[split] = float(parallel.first_shard(total).reshape(())) / (eval_iters * plan.row_split)
+        eval_progress.close()
     return out
 
 # learning rate decay scheduler (cosine with warmup)
 def get_lr(it):
     return training.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
 
-last_saved = None # the iteration of the checkpoint this run wrote last
-
 def save(iter_num, best_val_loss):
-    global last_saved
     host = parallel.unreplicate(state, plan.local_devices)
     arrays = {**params_to_arrays(host.params), **flatten(host.opt_state, 'optimizer'), **flatten(host.loss_scale, 'loss_scale')}
     meta = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
@@ -309,13 +311,10 @@ def save(iter_num, best_val_loss):
         save_checkpoint(os.path.join(out_dir, CKPT_NAME), arrays, meta)
     except OSError as e:
         die(f"cannot write the checkpoint to {out_dir} ({e.strerror}); the previous checkpoint is intact")
-    last_saved = iter_num
 
 def stop_diverged(it, what):
-    kept = (f"the checkpoint in {out_dir} (iter {last_saved}) is untouched" if last_saved is not None else
-            f"the checkpoint in {out_dir} is untouched" if os.path.exists(os.path.join(out_dir, CKPT_NAME)) else
-            "no checkpoint was written")
-    die(f"iter {it}: {what}, training diverged and stops here; {kept}. Try a lower --learning_rate or --grad_clip")
+    die(f"iter {it}: {what}, training diverged and stops here; {describe(out_dir, 'untouched')}. "
+        f"Try a lower --learning_rate or --grad_clip")
 
 # logging
 if wandb_log and master_process:
@@ -340,12 +339,14 @@ while True:
         if not math.isfinite(losses['val']):
             stop_diverged(iter_num, f"val loss is {losses['val']}")
         if master_process:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val perplexity {training.perplexity(losses['val']):.2f}")
             if wandb_log:
                 wandb.log({
                     "iter": iter_num,
                     "train/loss": losses['train'],
                     "val/loss": losses['val'],
+                    "val/perplexity": training.perplexity(losses['val']),
                     "lr": get_lr(iter_num),
                     "mfu": running_mfu*100, # convert to percentage
                 })
@@ -354,6 +355,9 @@ while True:
             if iter_num > 0 and master_process:
                 save(iter_num, best_val_loss)
     if iter_num == 0 and eval_only:
+        if master_process:
+            print(f"eval_only: train loss {losses['train']:.4f} (perplexity {training.perplexity(losses['train']):.2f}), "
+                  f"val loss {losses['val']:.4f} (perplexity {training.perplexity(losses['val']):.2f})")
         break
 
     # forward, backward over all micro-batches, the gradient average across devices and AdamW, for each

@@ -26,6 +26,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import io_callback
 import haiku as hk
 import jmp
 import optax
@@ -48,6 +49,11 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=Tru
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
     return min_lr + coeff * (learning_rate - min_lr)
+
+
+def perplexity(loss):
+    """exp(mean cross-entropy), inf where that overflows a float."""
+    return math.exp(loss) if loss < 709.0 else math.inf
 
 
 # -----------------------------------------------------------------------------
@@ -179,17 +185,24 @@ def make_train_calls(train_step, k):
     return calls
 
 
-def make_eval_step(config, axis_name=parallel.AXIS):
+def make_eval_step(config, axis_name=parallel.AXIS, progress=None):
     """eval_step(params, x_KBT, y_KBT, valid_K) -> the sum over the valid batches of their mean loss,
-    summed over the devices too (estimate_loss divides). No dropout: model.eval()'s role."""
+    summed over the devices too (estimate_loss divides). No dropout: model.eval()'s role. progress: a
+    parallel.Progress that the first device tells how many of its batches are done."""
     forward = model.gpt_forward(config)
 
     def eval_step(params, x_KBT, y_KBT, valid_K):
-        def one(total, xs):
-            x_BT, y_BT, valid = xs
+        first_device = True if axis_name is None else lax.axis_index(axis_name) == 0
+
+        def one(carry, xs):
+            total, report = carry
+            k, x_BT, y_BT, valid = xs
             _, loss = forward.apply(params, None, x_BT, y_BT, is_training=False)
-            return total + jnp.where(valid, loss, 0.0), None
-        total, _ = lax.scan(one, jnp.float32(0.0), (x_KBT, y_KBT, valid_K))
+            if progress is not None:
+                call = lambda: io_callback(progress, jax.ShapeDtypeStruct((), jnp.int32), k + 1)
+                report = lax.cond(first_device & (k + 1 >= report), call, lambda: report)
+            return (total + jnp.where(valid, loss, 0.0), report), None
+        (total, _), _ = lax.scan(one, (jnp.float32(0.0), jnp.int32(1)), (jnp.arange(len(valid_K)), x_KBT, y_KBT, valid_K))
         return total if axis_name is None else lax.psum(total, axis_name)
 
     return eval_step
@@ -204,15 +217,15 @@ def parallel_train_step(config, optimizer, plan):
                                  donate_argnums=(0,))
 
 
-def parallel_eval_step(config, plan):
+def parallel_eval_step(config, plan, progress=None):
     """The eval step over the plan's devices: compile it with (params, x, y, valid), one device's shapes."""
-    return parallel.over_devices(make_eval_step(config), plan.devices, (parallel.REPLICA, 0, 0, 0), 0)
+    return parallel.over_devices(make_eval_step(config, progress=progress), plan.devices, (parallel.REPLICA, 0, 0, 0), 0)
 
 
-def compile_steps(config, optimizer, plan, dtype, seed, eval_batches=0, from_scratch=False):
+def compile_steps(config, optimizer, plan, dtype, seed, eval_batches=0, from_scratch=False, eval_progress=None):
     """train.py's compiled functions, ahead of time on shapes only (nothing allocated), side by side
-    (parallel.compile_ahead): {'train step', 'eval step' for eval_batches batches of every split (none for 0),
-    'initial state' from scratch on the first local device: (compiled, seconds)}."""
+    (parallel.compile_ahead): {'train step', 'eval step' for eval_batches batches of every split (none for 0;
+    eval_progress its parallel.Progress), 'initial state' from scratch on the first local device: (compiled, seconds)}."""
     params = model.param_shapes(config)
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer, dtype, seed), params)
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)
@@ -222,7 +235,7 @@ def compile_steps(config, optimizer, plan, dtype, seed, eval_batches=0, from_scr
     if eval_batches:
         shape = (eval_batches * plan.row_split // len(plan.devices), plan.rows, config.block_size)
         valid = jax.ShapeDtypeStruct(shape[:1], np.bool_)
-        jobs['eval step'] = (parallel_eval_step(config, plan), (state.params, ints(*shape), ints(*shape), valid))
+        jobs['eval step'] = (parallel_eval_step(config, plan, eval_progress), (state.params, ints(*shape), ints(*shape), valid))
     if from_scratch:  # nanoGPT's initialisation and the optimizer's zeros, compiled alongside the steps
         initial_state = lambda key: init_train_state(model.init_params(config, key), optimizer, dtype, seed)
         jobs['initial state'] = (jax.jit(initial_state, out_shardings=jax.sharding.SingleDeviceSharding(plan.local_devices[0])),

@@ -141,7 +141,7 @@ def assert_clear_error(proc, *needles, prefix='error:'):
 def losses_logged(text):
     """{iteration: the 'iter N: loss X' line's loss text} and {step: 'val loss' text}."""
     it = {int(m[1]): m[2] for m in re.finditer(r'^iter (\d+): loss (\S+),', text, re.M)}
-    val = {int(m[1]): m[2] for m in re.finditer(r'^step (\d+): train loss \S+, val loss (\S+)', text, re.M)}
+    val = {int(m[1]): m[2] for m in re.finditer(r'^step (\d+): train loss \S+, val loss ([^,\s]+)', text, re.M)}
     return it, val
 
 
@@ -278,13 +278,19 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted_run(tmp_path, dataset, 
     assert on_disk() in (saved + (saves - 2) * EVAL_INTERVAL, saved + (saves - 1) * EVAL_INTERVAL)
 
     # 5. resume; Ctrl-C (SIGINT) the moment the next save after the restart begins: the
-    # KeyboardInterrupt may land inside the write, which must then leave the old file in place
+    # KeyboardInterrupt may land inside the write, which must then leave the old file in place, and the
+    # run ends with one line naming the iteration it reached and the checkpoint on disk, status 130
     saved = on_disk()
     r, log = resume_and_signal_at_save(min(2, (MAX_ITERS - saved) // EVAL_INTERVAL + 1), signal.SIGINT)
     logs.append(log)
     saves = saves_begun(log)
     assert r.proc.returncode != 0 or saved + EVAL_INTERVAL >= MAX_ITERS, log[-3000:]  # else it may finish first
     assert on_disk() in (saved + (saves - 2) * EVAL_INTERVAL, saved + (saves - 1) * EVAL_INTERVAL)
+    if r.proc.returncode != 0:
+        last = log.strip().splitlines()[-1]
+        assert r.proc.returncode == 130 and 'Traceback' not in log, log[-3000:]
+        assert re.match(rf'error: interrupted at iter \d+; the checkpoint in {re.escape(out)} \(iter {on_disk()}\) is '
+                        rf'intact: continue with --init_from=resume$', last), last
 
     # 6. resume to the end
     r = resume()

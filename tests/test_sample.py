@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 from model import GPTConfig, gpt_forward, init_params, from_pretrained  # noqa: E402
-from model import make_generate, crop_top_k, sample_next  # noqa: E402
+from model import make_generate, crop_top_k, sample_next, top_p_filter  # noqa: E402
 
 TIKTOKEN_CACHE = os.path.abspath(os.path.join(REPO, '..', 'shared', 'tiktoken_cache'))
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=50)  # few context lengths to compile
@@ -28,6 +28,11 @@ def tiny_params(config=TINY, seed=0):
     # between two correct implementations cannot flip a greedy argmax
     params['transformer/wte']['weight'] = params['transformer/wte']['weight'] * 20.0
     return params
+
+
+def row_keys(seed, B):
+    """One key per row, as sample.py makes them: row k draws with fold_in(PRNGKey(seed), k)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(B))
 
 
 _forwards = {}
@@ -59,10 +64,10 @@ def test_greedy_kv_cache_matches_full_recompute(T, new):
     params = tiny_params()
     idx_BT = jax.random.randint(jax.random.PRNGKey(T), (2, T), 0, TINY.vocab_size, dtype=jnp.int32)
     want = full_recompute_greedy(params, TINY, idx_BT, new)
-    got = np.asarray(make_generate(TINY, new, temperature=0.0)(params, idx_BT, jax.random.PRNGKey(0)))
+    got = np.asarray(make_generate(TINY, new, temperature=0.0)(params, idx_BT, row_keys(0, 2)))
     np.testing.assert_array_equal(got, want)
     if T == 3:  # top_k=1 at temperature 1 is greedy too, through the sampling path
-        got_k1 = make_generate(TINY, new, temperature=1.0, top_k=1)(params, idx_BT, jax.random.PRNGKey(5))
+        got_k1 = make_generate(TINY, new, temperature=1.0, top_k=1)(params, idx_BT, row_keys(5, 2))
         np.testing.assert_array_equal(np.asarray(got_k1), want)
 
 
@@ -70,9 +75,9 @@ def test_seeded_sampling_is_reproducible():
     params = init_params(TINY, jax.random.PRNGKey(0))  # nanoGPT's init: near-uniform, so seeds matter
     idx_BT = jnp.array([[1, 2, 3]], jnp.int32)
     run = make_generate(TINY, 12, temperature=1.0, top_k=None)  # crosses block_size too
-    a = np.asarray(run(params, idx_BT, jax.random.PRNGKey(1337)))
-    b = np.asarray(run(params, idx_BT, jax.random.PRNGKey(1337)))
-    c = np.asarray(run(params, idx_BT, jax.random.PRNGKey(1338)))
+    a = np.asarray(run(params, idx_BT, row_keys(1337, 1)))
+    b = np.asarray(run(params, idx_BT, row_keys(1337, 1)))
+    c = np.asarray(run(params, idx_BT, row_keys(1338, 1)))
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     np.testing.assert_array_equal(a[:, :3], idx_BT)
@@ -99,10 +104,76 @@ def test_top_k_matches_nanogpt_rule():
     p = np.exp(kept - kept.max())
     p /= p.sum()
     keys = jax.random.split(jax.random.PRNGKey(0), 4000)
-    draws = np.asarray(jax.vmap(lambda key: sample_next(jnp.asarray(logits)[None], key, temperature, k)[0])(keys))
+    draws = np.asarray(jax.vmap(lambda key: sample_next(jnp.asarray(logits)[None], key[None], temperature, k)[0])(keys))
     freq = np.bincount(draws, minlength=len(logits)) / len(draws)
     assert set(np.flatnonzero(freq)) == set(np.flatnonzero(p))
     np.testing.assert_allclose(freq, p, atol=0.03)
+
+
+def test_a_sample_is_the_same_alone_or_in_a_batch():
+    """Sample k draws with fold_in(PRNGKey(seed), k) whatever else is in its batch: four samples drawn side by
+    side equal each drawn alone, token for token, through the cache and past block_size."""
+    params = init_params(TINY, jax.random.PRNGKey(0))  # nanoGPT's init: near-uniform, so every draw is a coin toss
+    idx_BT = jnp.array([[1, 2, 3]] * 4, jnp.int32)
+    run = make_generate(TINY, 12, temperature=1.0, top_k=None, top_p=0.9)
+    together = np.asarray(run(params, idx_BT, row_keys(7, 4)))
+    alone = [np.asarray(make_generate(TINY, 12, temperature=1.0, top_k=None, top_p=0.9)(
+        params, idx_BT[:1], row_keys(7, 4)[k:k + 1]))[0] for k in range(4)]
+    np.testing.assert_array_equal(together, np.stack(alone))
+    assert len({tuple(row) for row in together}) == 4  # four different samples
+
+
+def test_top_p_keeps_what_hf_top_p_warper_keeps():
+    """top_p_filter against transformers' TopPLogitsWarper on the same logits (with ties and -inf from a top-k
+    cut): the same tokens kept. A top_p close to 0 keeps only the most likely token: greedy."""
+    torch = pytest.importorskip('torch')
+    transformers = pytest.importorskip('transformers')
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (6, 50)).astype(np.float32)
+    logits[1, :10] = logits[1, 10]  # ties
+    logits[2, 5:] = -np.inf  # what top_k leaves behind
+    for top_p in (0.05, 0.3, 0.5, 0.9, 0.99, 1.0):
+        want = transformers.TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy()
+        got = np.asarray(top_p_filter(jnp.asarray(logits), top_p))
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want), err_msg=f"top_p={top_p}")
+        np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(got)])
+    greedy = np.asarray(top_p_filter(jnp.asarray(logits), 1e-6))
+    assert (np.isfinite(greedy).sum(axis=1) == 1).all()
+    assert (np.argmax(greedy, axis=1) == np.argmax(logits, axis=1)).all()
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    np.testing.assert_array_equal(np.asarray(sample_next(jnp.asarray(logits), keys, 1.0, None, 1e-6)), np.argmax(logits, axis=1))
+
+
+def test_stop_ends_each_row_and_the_loop_once_all_have_stopped():
+    """A row is done once its new tokens end with the stop tokens: up to there it is the run without a stop,
+    and once every row is done the loop ends, so the slots it never reached stay 0."""
+    params = tiny_params()
+    idx_BT = jax.random.randint(jax.random.PRNGKey(3), (2, 3), 1, TINY.vocab_size, dtype=jnp.int32)
+    free = np.asarray(make_generate(TINY, 20, temperature=0.0)(params, idx_BT, row_keys(0, 2)))
+    stop = free[0, 3 + 4:3 + 6].tolist()  # row 0's new tokens 4 and 5
+    end = next(i for i in range(1, 20) if free[0, 3 + i - 1:3 + i + 1].tolist() == stop)  # where it first ends
+    one = np.asarray(make_generate(TINY, 20, temperature=0.0, stop=stop)(params, idx_BT[:1], row_keys(0, 1)))
+    np.testing.assert_array_equal(one[0, :3 + end + 1], free[0, :3 + end + 1])
+    assert end <= 5 and (one[0, 3 + end + 1:] == 0).all()
+    # beside a row that never draws the stop tokens, the loop runs to the end for both rows
+    assert stop not in [free[1, 3 + i - 1:3 + i + 1].tolist() for i in range(1, 20)]
+    both = np.asarray(make_generate(TINY, 20, temperature=0.0, stop=stop)(params, idx_BT, row_keys(0, 2)))
+    np.testing.assert_array_equal(both, free)
+
+
+def test_a_host_function_sees_the_tokens_as_they_come():
+    """on_tokens is called from inside the compiled loop with the tokens so far, when it asked to be."""
+    params = tiny_params()
+    idx_BT = jnp.array([[1, 2, 3]], jnp.int32)
+    seen = []
+
+    def on_tokens(n, idx_BN):
+        seen.append((int(n), np.asarray(idx_BN).copy()))
+        return np.int32(n + 3)  # every third token
+    got = np.asarray(make_generate(TINY, 10, temperature=0.0, on_tokens=on_tokens)(params, idx_BT, row_keys(0, 1)))
+    assert [n for n, _ in seen] == [1, 4, 7, 10]
+    for n, idx_BN in seen:
+        np.testing.assert_array_equal(idx_BN[:, :3 + n], got[:, :3 + n])
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +208,7 @@ def test_greedy_matches_hf_generate(hf_gpt2):
     ids = [464, 2068, 7586, 21831, 18045, 625, 262]
     new = 32 - len(ids)  # up to HF's n_positions, the longest it can generate
     want = hf_greedy(model, ids, new)
-    got = make_generate(config, new, temperature=0.0)(params, jnp.asarray([ids], jnp.int32), jax.random.PRNGKey(0))
+    got = make_generate(config, new, temperature=0.0)(params, jnp.asarray([ids], jnp.int32), row_keys(0, 1))
     assert np.asarray(got)[0].tolist() == want
 
 
@@ -217,6 +288,11 @@ def test_sample_script_char_seeds(char_run):
     (['--max_new_tokens=0'], 'max_new_tokens must be at least 1'),
     (['--temperature=-0.5'], 'temperature must be >= 0.0'),
     (['--init_from=gpt3'], "unknown pretrained model 'gpt3'"),
+    (['--top_p=0'], 'top_p must be in (0, 1]'),
+    (['--top_p=1.5'], 'top_p must be in (0, 1]'),
+    (['--stop=§'], "'§'"),
+    (['--stream=True', '--num_samples=2'], 'stream=True prints one sample at a time'),
+    (['--batch_size=0'], 'batch_size must be at least 1'),
 ])
 def test_sample_script_bad_input(char_run, args, message):
     ckpt = os.path.join(char_run, 'out', checkpoint.CKPT_NAME)
@@ -235,3 +311,19 @@ def test_sample_script_char_model_without_its_vocabulary(char_run):
     assert rc != 0 and 'Traceback' not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and 'too few for GPT-2 BPE' in lines[0] and 'tiny_char' in lines[0], err
+
+
+def test_sample_script_batches_streams_and_stops(char_run):
+    """The same samples drawn in one batch, one at a time, and streamed; --stop cuts each where the stop string
+    first appears in its new text (printed without it)."""
+    args = ['--out_dir=out', '--start=First', '--num_samples=3', '--max_new_tokens=40', '--temperature=1.0', '--device=cpu']
+    runs = {}
+    for name, extra in [('free', []), ('batched', ['--stop=e']), ('one by one', ['--stop=e', '--batch_size=1']),
+                        ('streamed', ['--stop=e', '--batch_size=1', '--stream=True'])]:
+        rc, out, err = run_sample(*args, *extra, cwd=str(char_run))
+        assert rc == 0, err
+        runs[name] = samples_of(out)
+    assert runs['batched'] == runs['one by one'] == runs['streamed']
+    for free, cut in zip(runs['free'], runs['batched']):
+        new = free[len('First'):]
+        assert 'e' in new and cut == 'First' + new[:new.index('e')]

@@ -587,8 +587,10 @@ def train(dataset, out_dir, *extra, env, cwd, timeout=300):
 def logged(text):
     """{iteration: loss text} from 'iter N: loss X, ...' lines, {step: (train, val)} from eval lines."""
     iters = {int(m[1]): m[2] for m in re.finditer(r'^iter (\d+): loss (\S+),', text, re.M)}
-    evals = {int(m[1]): (m[2], m[3]) for m in re.finditer(r'^step (\d+): train loss (\S+), val loss (\S+)$', text, re.M)}
-    return iters, evals
+    steps = re.findall(r'^step (\d+): train loss (\S+), val loss (\S+), val perplexity (\S+)$', text, re.M)
+    for _, _, val, ppl in steps:  # exp(val loss), to its printed digits
+        assert abs(float(ppl) - math.exp(float(val))) <= 0.005 + 1e-4 * math.exp(float(val)), (val, ppl)
+    return iters, {int(step): (train, val) for step, train, val, _ in steps}
 
 
 @pytest.fixture(scope='module')
@@ -682,6 +684,18 @@ def test_one_iteration_per_call_logs_the_same_losses(tmp_path, dataset, env, uni
     assert 'iterations per call' not in proc.stdout
     assert logged(proc.stdout) == logged(log)
     assert len(logged(log)[0]) == 2 * N + 1
+
+
+def test_eval_only_reports_losses_and_perplexities_and_exits(tmp_path, dataset, env):
+    proc = train(dataset, str(tmp_path / 'out'), '--eval_only=True', env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = re.search(r'^eval_only: train loss (\S+) \(perplexity (\S+)\), val loss (\S+) \(perplexity (\S+)\)$',
+                  proc.stdout, re.M)
+    assert m, proc.stdout[-2000:]
+    assert abs(float(m[2]) - math.exp(float(m[1]))) < 0.01 and abs(float(m[4]) - math.exp(float(m[3]))) < 0.01
+    iters, evals = logged(proc.stdout)
+    assert iters == {} and evals == {0: (m[1], m[3])}  # the eval, then nothing: no step, no checkpoint
+    assert not os.path.exists(tmp_path / 'out' / CKPT_NAME)
 
 
 def test_negative_iters_per_call_is_one_line(tmp_path, dataset, env):
