@@ -6,6 +6,7 @@ $ python sample.py --init_from=gpt2-xl --start="What is the answer to life, the 
     --num_samples=5 --max_new_tokens=100                    # OpenAI's GPT-2 (Hugging Face hub)
 $ python sample.py --init_from=path/to/dir --start=FILE:prompt.txt --temperature=0
                                                             # a save_pretrained GPT-2 dir; greedy
+$ python sample.py --init_from=path/to/ckpt.pt              # nanoGPT's checkpoint (needs torch to read it)
 
 $ python sample.py --out_dir=out-shakespeare-char --num_samples=1 --stream=True --stop="\n\n" --top_p=0.9
 
@@ -27,8 +28,8 @@ import parallel
 from parallel import die
 
 # -----------------------------------------------------------------------------
-init_from = 'resume' # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl'), or a local Hugging Face GPT-2 dir
-out_dir = 'out' # ignored if init_from is not 'resume'
+init_from = 'resume' # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl'), or a local Hugging Face GPT-2 dir, or a nanoGPT ckpt.pt
+out_dir = 'out' # ignored if init_from is not 'resume'; ours (ckpt.safetensors), else a nanoGPT ckpt.pt in it
 start = "\n" # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 10 # number of samples to draw
 max_new_tokens = 500 # number of tokens generated in each sample
@@ -66,8 +67,8 @@ dtype = parallel.select_dtype(dtype, dev.platform)
 
 # model
 ckpt_meta = None
-if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, checkpoint.CKPT_NAME)
+if init_from == 'resume' or init_from.endswith('.pt'):
+    ckpt_path = checkpoint.resume_path(out_dir) if init_from == 'resume' else init_from
     try:
         arrays, ckpt_meta = checkpoint.load_checkpoint(ckpt_path)
         if 'model_args' not in ckpt_meta:

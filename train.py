@@ -24,8 +24,8 @@ import jax
 
 from model import GPTConfig, param_shapes, get_num_params, crop_block_size, from_pretrained, \
     configure_optimizers, estimate_mfu, flops_per_iter
-from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpoint, flatten, unflatten_like, \
-    params_to_arrays, params_from_arrays, load_meta, describe
+from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpoint, resume_path, flatten, \
+    unflatten_like, restore_optimizer, params_to_arrays, params_from_arrays, load_meta, describe
 import parallel
 from parallel import die
 import training
@@ -39,7 +39,7 @@ log_interval = 1
 eval_iters = 200
 eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
-init_from = 'scratch' # 'scratch' or 'resume' or 'gpt2*' or a local Hugging Face GPT-2 directory
+init_from = 'scratch' # 'scratch' or 'resume' or 'gpt2*' or a local Hugging Face GPT-2 directory or a nanoGPT ckpt.pt
 # wandb logging
 wandb_log = False # disabled by default
 wandb_project = 'owt'
@@ -160,9 +160,9 @@ try:
             print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
         model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
         gptconf = GPTConfig(**model_args)
-    elif init_from == 'resume':
-        print(f"Resuming training from {out_dir}")
-        ckpt_path = os.path.join(out_dir, CKPT_NAME)
+    elif init_from == 'resume' or init_from.endswith('.pt'): # out_dir's (ours, else nanoGPT's ckpt.pt), or a ckpt.pt
+        ckpt_path = resume_path(out_dir) if init_from == 'resume' else init_from
+        print(f"Resuming training from {ckpt_path}")
         ckpt_arrays, checkpoint = load_checkpoint(ckpt_path)
         # force these config attributes to be equal otherwise we can't even resume training
         # the rest of the attributes (e.g. dropout) can stay as desired from command line
@@ -191,8 +191,8 @@ try:
         for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'activation']:
             model_args[k] = getattr(gptconf, k)
     else:
-        die(f"init_from={init_from!r}: use 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' "
-            f"or a local GPT-2 directory")
+        die(f"init_from={init_from!r}: use 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', "
+            f"a local GPT-2 directory or a nanoGPT ckpt.pt")
 except CheckpointError as e:
     shared = " (every process reads the checkpoint process 0 wrote: put out_dir on a filesystem all hosts share)"
     die(str(e) + (shared if init_from == 'resume' and jax.process_count() > 1 else ""))
@@ -276,9 +276,9 @@ with jax.default_device(plan.local_devices[0]):
         state = compiled['initial state'][0](jax.random.PRNGKey(seed))
     else:
         state = training.init_train_state(params, optimizer, dtype, seed)
-    if ckpt_arrays is not None: # the optimizer's state_dict
+    if ckpt_arrays is not None: # the optimizer's state_dict (a ckpt.pt's torch AdamW state converted)
         try:
-            state = state._replace(opt_state=unflatten_like(state.opt_state, ckpt_arrays, 'optimizer', ckpt_path))
+            state = state._replace(opt_state=restore_optimizer(state.opt_state, ckpt_arrays, ckpt_path))
             if state.loss_scale != () and any(k.startswith('loss_scale') for k in ckpt_arrays):
                 state = state._replace(loss_scale=unflatten_like(state.loss_scale, ckpt_arrays, 'loss_scale', ckpt_path))
         except CheckpointError as e:

@@ -396,21 +396,90 @@ def test_damaged_checkpoint_is_one_clear_line_for_train_and_sample(tmp_path, dat
     assert not (tmp_path / 'PWNED').exists()
 
 
-def test_nanogpt_ckpt_pt_is_never_unpickled(tmp_path, dataset, env):
-    """A user brings a nanoGPT ckpt.pt (here a malicious pickle), dropped into out_dir or passed as
-    --init_from: both scripts refuse it with a line naming it; the pickle runs nothing."""
+def export_cmd(*extra):
+    return [sys.executable, os.path.join(REPO, 'export.py'), *extra]
+
+
+# runs a script with `import torch` failing, as where torch is not installed
+NO_TORCH = r"""
+import os, runpy, sys
+sys.modules['torch'] = None
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_malicious_nanogpt_ckpt_pt_executes_nothing(tmp_path, dataset, env, reference):
+    """A user brings a nanoGPT ckpt.pt, read with torch.load(weights_only=True). A malicious one (a bare
+    pickle, and a torch.save archive with a callable inside), dropped into out_dir or passed as
+    --init_from, is refused by train.py, sample.py and export.py with one line naming it; the pickle runs
+    nothing and nothing is written. A genuine one (the reference run in nanoGPT's format) loads in both."""
+    import torch
     sentinel = tmp_path / 'PWNED'
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'ckpt.pt').write_bytes(pickle.dumps(Evil(str(sentinel))))
     pt = str(out / 'ckpt.pt')
-    cases = [(train_cmd(dataset, str(out), '--init_from=resume'), [pt, 'never loads']),
-             (sample_cmd(f'--out_dir={out}'), [pt, 'never loads']),
-             (train_cmd(dataset, str(tmp_path / 'fresh'), f'--init_from={pt}'), [pt]),
-             (sample_cmd(f'--init_from={pt}'), [pt])]
-    for proc, (_, needles) in zip(run_side_by_side([c for c, _ in cases], env, str(tmp_path)), cases):
-        assert_clear_error(proc, *needles)
+    archive = str(tmp_path / 'archive.pt')
+    torch.save({'model': {'transformer.wte.weight': torch.zeros(2, 2)}, 'model_args': {'n_layer': Evil(str(sentinel))}},
+               archive)
+    genuine = tmp_path / 'genuine'
+    genuine.mkdir()
+    torch.save(checkpoint.to_nanogpt(*load_checkpoint(ckpt_of(reference[0]))), genuine / 'ckpt.pt')
+    cases = [(train_cmd(dataset, str(out), '--init_from=resume'), [pt, 'refusing', 'nothing in it was run']),
+             (sample_cmd(f'--out_dir={out}'), [pt, 'refusing']),
+             (export_cmd(f'--out_dir={out}', f"--export_dir={tmp_path / 'exported'}"), [pt, 'refusing']),
+             (train_cmd(dataset, str(tmp_path / 'fresh'), f'--init_from={archive}'), [archive, 'refusing', 'it names']),
+             (sample_cmd(f'--init_from={archive}'), [archive, 'refusing', 'it names']),
+             (train_cmd(dataset, str(genuine), '--init_from=resume', f'--max_iters={MAX_ITERS}'), None),
+             (sample_cmd(f"--init_from={genuine / 'ckpt.pt'}"), None)]
+    for proc, (_, needles) in zip(run_side_by_side([c for c, _ in cases], env, str(tmp_path), timeout=300), cases):
+        if needles is None:
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        else:
+            assert_clear_error(proc, *needles)
     assert not sentinel.exists()
+    assert os.listdir(out) == ['ckpt.pt'] and not os.path.exists(tmp_path / 'exported')
+    assert not os.path.exists(tmp_path / 'fresh' / CKPT_NAME)
+    assert load_checkpoint(ckpt_of(genuine))[1]['iter_num'] == MAX_ITERS  # resumed, and saved ours beside it
+
+
+def test_bad_nanogpt_checkpoints_and_exports_are_one_clear_line(tmp_path, dataset, env, reference):
+    """A ckpt.pt without model_args, one whose weights do not fit its model_args, a non-empty export_dir,
+    a checkpoint that is not there, an unknown format, and torch missing where a ckpt.pt is read or
+    written: one clear line each, and nothing written."""
+    import torch
+    nanogpt = checkpoint.to_nanogpt(*load_checkpoint(ckpt_of(reference[0])))
+    no_args = str(tmp_path / 'no_model_args.pt')
+    torch.save({'model': nanogpt['model'], 'iter_num': 3}, no_args)
+    (tmp_path / 'wrong').mkdir()
+    wrong = str(tmp_path / 'wrong' / 'ckpt.pt')
+    torch.save({**nanogpt, 'model_args': {**nanogpt['model_args'], 'n_embd': 64}}, wrong)
+    full = tmp_path / 'full'
+    full.mkdir()
+    (full / 'mine.txt').write_text('keep me')
+    no_torch = str(tmp_path / 'no_torch.py')
+    with open(no_torch, 'w') as f:
+        f.write(NO_TORCH)
+    ref = f'--out_dir={reference[0]}'
+    cases = [
+        (sample_cmd(f'--init_from={no_args}'), [no_args, "no 'model' and 'model_args'"]),
+        (train_cmd(dataset, str(tmp_path / 'wrong'), '--init_from=resume'), [wrong, 'transformer.wte.weight has shape',
+                                                                             "'n_embd': 64"]),
+        (export_cmd(f"--out_dir={tmp_path / 'wrong'}", f"--export_dir={tmp_path / 'e1'}"), [wrong, 'has shape']),
+        (export_cmd(ref, f'--export_dir={full}'), [str(full), 'not empty', '--overwrite=True']),
+        (export_cmd(f"--out_dir={tmp_path / 'nowhere'}", f"--export_dir={tmp_path / 'e2'}"), ['no checkpoint at', 'nowhere']),
+        (export_cmd(ref, '--format=onnx', f"--export_dir={tmp_path / 'e3'}"), ["format='onnx'", "'hf'", "'nanogpt'"]),
+        ([sys.executable, no_torch] + export_cmd(ref, '--format=nanogpt', f"--export_dir={tmp_path / 'e4'}")[1:],
+         ["writing nanoGPT's ckpt.pt needs PyTorch: pip install torch"]),
+        ([sys.executable, no_torch] + sample_cmd(f'--init_from={wrong}')[1:],
+         ['reading a nanoGPT ckpt.pt needs PyTorch: pip install torch']),
+    ]
+    for proc, (_, needles) in zip(run_side_by_side([c for c, _ in cases], env, str(tmp_path), timeout=300), cases):
+        assert_clear_error(proc, *needles)
+    assert os.listdir(tmp_path / 'wrong') == ['ckpt.pt'] and os.listdir(full) == ['mine.txt']
+    assert not any(os.path.exists(tmp_path / e) for e in ('e1', 'e2', 'e3', 'e4'))
 
 
 def test_malicious_meta_pkl_executes_nothing(tmp_path, dataset, env, reference):
