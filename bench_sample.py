@@ -5,7 +5,9 @@ Sampling speed, three comparisons side by side in one run:
 2. num_samples samples drawn in one batch against one at a time (sample.py's default rule: temperature
    0.8, top_k 200);
 3. one sample streamed (a host callback from the compiled loop about every 20 ms, as sample.py's
-   --stream=True) against the same sample not streamed.
+   --stream=True) against the same sample not streamed;
+4. and the same kind of callback in training: train.py's eval step over eval_iters batches with its
+   progress bar's callback (the bar hidden) against the step without it.
 
 $ python bench_sample.py                                   # the README's CPU model (4L/4H/128, block 64)
 $ python bench_sample.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256   # the GPU config's model
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 
 from model import GPTConfig, gpt_forward, init_params, make_generate
 import parallel
+import training
 
 # -----------------------------------------------------------------------------
 n_layer = 4
@@ -34,6 +37,7 @@ vocab_size = 65
 prompt_len = 1  # like sample.py's default start="\n"
 max_new_tokens = 500
 num_samples = 10
+eval_iters, batch_size = 200, 12  # 4.: train.py's default eval_iters, the README's batch_size
 pad_to = 16  # the recompute baseline's context lengths, rounded up: fewer shapes to compile
 repeats = 3  # best of
 seed = 1337
@@ -145,3 +149,25 @@ same = (np.asarray(stream_out) == np.asarray(one_out[0])).all()
 print(f"\n3. one sample ({'the same tokens' if same else 'DIFFERENT TOKENS'}){'':<22} {'streamed':^34} | "
       f"{'not streamed':^34} | speedup")
 row(f"{max_new_tokens} new tokens", stream_time, max_new_tokens, plain_time, max_new_tokens)
+
+
+# 4. the eval step with its progress callback against without, alternating, best of 2 * repeats each
+bar = parallel.Progress('eval', disable=True)
+tokens = jax.random.randint(jax.random.PRNGKey(seed + 2), (eval_iters, batch_size, block_size + 1), 0, vocab_size)
+batches = (tokens[..., :-1], tokens[..., 1:], jnp.ones((eval_iters,), bool))
+with_bar, without = (jax.jit(training.make_eval_step(config, axis_name=None, progress=p)) for p in (bar, None))
+
+
+def eval_with_bar():
+    bar.start(eval_iters)
+    return with_bar(params, *batches)
+
+
+bar_times, plain_times = [], []
+for _ in range(2 * repeats):
+    bar_times.append(best_of(eval_with_bar)[0])
+    plain_times.append(best_of(lambda: without(params, *batches))[0])
+same = float(eval_with_bar()) == float(without(params, *batches))
+print(f"\n4. train.py's eval step, {eval_iters} batches of {batch_size} x {block_size} "
+      f"({'the same loss' if same else 'DIFFERENT LOSS'}): with its progress callback {min(bar_times) * 1e3:.1f} ms, "
+      f"without {min(plain_times) * 1e3:.1f} ms: {min(bar_times) / min(plain_times):.3f}x the time")
