@@ -25,7 +25,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from model import GPTConfig, init_params, param_shapes, get_num_params, configure_optimizers, estimate_mfu, flops_per_iter
+from model import GPTConfig, init_params, param_shapes, get_num_params, estimate_mfu, flops_per_iter
 import parallel
 from parallel import die
 import training
@@ -184,7 +184,7 @@ training.set_precision(dtype)
 with jax.default_device(devices[0]):
     params = init_params(gptconf, jax.random.PRNGKey(seed))
 print(f"number of parameters: {num_params / 1e6:.2f}M")
-optimizer = configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0)
+optimizer = training.configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0)
 state = training.init_train_state(params, optimizer, dtype, seed)
 step, compile_s = training.compile_steps(gptconf, optimizer, plan, dtype, seed)['train step']
 need = parallel.compiled_bytes(step)

@@ -406,8 +406,12 @@ def to_nanogpt(arrays, meta):
     tensor = lambda a: torch.from_numpy(np.array(a, np.float32))  # a copy: torch wants writable memory
     model = {n: tensor(arrays['model.' + n]) for n in names}
     model['lm_head.weight'] = model['transformer.wte.weight']  # tied: one tensor, stored once by torch.save
-    adamw = arrays if 'adamw.step' in arrays else _adamw_from_optax(arrays)
     cfg = meta.get('config', {})
+    if cfg.get('optimizer', 'adamw') != 'adamw':  # nanoGPT has AdamW only
+        print(f"note: nanoGPT has no {cfg['optimizer']}: the ckpt.pt carries the weights and a fresh AdamW state")
+        adamw, cfg = {}, {**cfg, 'optimizer': 'adamw'}
+    else:
+        adamw = arrays if 'adamw.step' in arrays else _adamw_from_optax(arrays)
     scalar = lambda a: np.asarray(a).reshape(()).item()  # safetensors keeps 0-d arrays as (1,)
     groups = [{'params': [model[n] for n in names if model[n].dim() >= 2], 'weight_decay': cfg.get('weight_decay', 0.1)},
               {'params': [model[n] for n in names if model[n].dim() < 2], 'weight_decay': 0.0}]

@@ -7,7 +7,8 @@ Shape glossary (suffixes on array names):
   C: n_embd (channels)    H: n_head                       D: head size, C // H
   V: vocab size           F: MLP hidden size, 4 * C       N: prompt + new tokens (generate)
   I, O: a Linear's in and out features
-e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S), logits_BTV is (B, T, V).
+e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S), logits_BTV is (B, T, V). The public functions carry the
+same names as jaxtyping annotations, checked where the code is traced when a type checker is on (the tests).
 
 Parameters live in a Haiku dict {module path: {name: array}} whose entries map one to one onto
 nanoGPT's state_dict names:  'transformer/h_0/attn/c_attn' ['weight'] <-> 'transformer.h.0.attn.c_attn.weight'.
@@ -24,10 +25,13 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import haiku as hk
-import optax
 from jax.experimental import io_callback
+from jaxtyping import Array, Float, Int, UInt32
 
 import backends
+
+Arrayish = Array | np.ndarray  # what callers hand in: jax or numpy arrays
+KV = tuple[Float[Array, "B H D S"], Float[Array, "B H S D"]]  # one layer's cache: keys, values
 
 
 def apply_dropout(x, rate, is_training):
@@ -86,7 +90,7 @@ class CausalSelfAttention(hk.Module):
     config: 'GPTConfig'
     name: str | None = None
 
-    def __call__(self, x_BTC, is_training=False, kv=None, pos=0):
+    def __call__(self, x_BTC: Float[Array, "B T C"], is_training=False, kv: KV | None = None, pos=0):
         """kv: an optional cache (k_BHDS, v_BHSD) into which the T new tokens go at positions pos..pos+T-1.
         Returns (y_BTC, the updated cache or None)."""
         cfg = self.config
@@ -139,7 +143,7 @@ class Block(hk.Module):
     config: 'GPTConfig'
     name: str | None = None
 
-    def __call__(self, x_BTC, is_training=False, kv=None, pos=0):
+    def __call__(self, x_BTC: Float[Array, "B T C"], is_training=False, kv: KV | None = None, pos=0):
         x_BTC = backends.residual(x_BTC)
         y_BTC, kv = CausalSelfAttention(self.config, name='attn')(
             LayerNorm(self.config.bias, name='ln_1')(x_BTC), is_training, kv, pos)
@@ -173,7 +177,8 @@ class GPT(hk.Module):
     config: GPTConfig
     name: str | None = 'transformer'
 
-    def __call__(self, idx_BT, targets_BT=None, is_training=False, cache=None, pos=0):
+    def __call__(self, idx_BT: Int[Arrayish, "B T"], targets_BT: Int[Arrayish, "B T"] | None = None,
+                 is_training=False, cache: list[KV] | None = None, pos=0):
         """Without cache: (logits, loss). With targets, logits_BTV and the mean cross-entropy over the
         targets that are not -1; without, the last position's logits (B, 1, V) and None.
         With cache (init_cache): a decoding step feeding T new tokens at positions pos..pos+T-1
@@ -199,7 +204,7 @@ class GPT(hk.Module):
         return logits_BTV, cross_entropy(logits_BTV, targets_BT)
 
 
-def cross_entropy(logits_BTV, targets_BT):
+def cross_entropy(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Arrayish, "B T"]) -> Float[Array, ""]:
     """F.cross_entropy(..., ignore_index=-1): the mean over the positions whose target is not -1."""
     valid_BT = targets_BT != -1
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
@@ -221,7 +226,7 @@ def gpt_decode(config):
     return hk.without_apply_rng(hk.transform(lambda idx_BT, cache, pos: GPT(config)(idx_BT, cache=cache, pos=pos)))
 
 
-def init_cache(config, batch_size, dtype=jnp.float32):
+def init_cache(config, batch_size: int, dtype=jnp.float32) -> list[KV]:
     """An empty KV cache: per layer (k_BHDS, v_BHSD) with S = block_size slots."""
     B, H, D, S = batch_size, config.n_head, config.n_embd // config.n_head, config.block_size
     return [(jnp.zeros((B, H, D, S), dtype), jnp.zeros((B, H, S, D), dtype)) for _ in range(config.n_layer)]
@@ -346,24 +351,6 @@ def from_pretrained(model_type, override_args=None):
     return config, params
 
 
-def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0.0):
-    """nanoGPT's AdamW (torch.optim.AdamW's update, eps 1e-8) with weight decay on the >=2-D parameters
-    only, after torch's clip_grad_norm_ (optax.clip_by_global_norm) when grad_clip > 0. The learning
-    rate is an injected hyperparameter: the train step sets opt_state.hyperparams['learning_rate'],
-    as nanoGPT sets param_group['lr']."""
-    leaves = jax.tree.leaves(params)
-    decay = [p for p in leaves if p.ndim >= 2]
-    nodecay = [p for p in leaves if p.ndim < 2]
-    print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.size for p in decay):,} parameters")
-    print(f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.size for p in nodecay):,} parameters")
-
-    def adamw(learning_rate):
-        decayed = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
-        tx = optax.adamw(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay, mask=decayed)
-        return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0.0 else tx
-    return optax.inject_hyperparams(adamw)(learning_rate=learning_rate)
-
-
 def flops_per_iter(config, num_params, fwdbwd_per_iter):
     """Training FLOPs of an iteration of fwdbwd_per_iter sequences (PaLM paper, appendix B), as nanoGPT."""
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
@@ -380,7 +367,7 @@ def estimate_mfu(config, num_params, fwdbwd_per_iter, dt, peak_flops=312e12):
 # -----------------------------------------------------------------------------
 # generate: nanoGPT's sampling loop, compiled, with a KV cache
 
-def crop_top_k(logits_BV, top_k):
+def crop_top_k(logits_BV: Float[Array, "B V"], top_k) -> Float[Array, "B V"]:
     """nanoGPT's top-k cut: logits below the k-th largest of their row become -inf (ties at the k-th
     value all stay). top_k None or >= V keeps everything."""
     if top_k is None:
@@ -389,7 +376,7 @@ def crop_top_k(logits_BV, top_k):
     return jnp.where(logits_BV < v_BK[:, -1:], -jnp.inf, logits_BV)
 
 
-def top_p_filter(logits_BV, top_p):
+def top_p_filter(logits_BV: Float[Array, "B V"], top_p) -> Float[Array, "B V"]:
     """Nucleus sampling's cut, as Hugging Face's TopPLogitsWarper: tokens sorted by probability, the least likely
     whose probabilities sum to at most 1 - top_p become -inf; the most likely token always stays."""
     order_BV = jnp.argsort(logits_BV, axis=-1)  # ascending
@@ -399,7 +386,8 @@ def top_p_filter(logits_BV, top_p):
     return jnp.where(cut_BV, -jnp.inf, logits_BV)
 
 
-def sample_next(logits_BV, keys_B, temperature, top_k, top_p=1.0):
+def sample_next(logits_BV: Float[Array, "B V"], keys_B: UInt32[Array, "B 2"], temperature, top_k,
+                top_p=1.0) -> Int[Array, "B"]:
     """One draw of nanoGPT's rule, row b with its own key keys_B[b]: logits / temperature, cropped to the top k
     (then to the top p), softmax, one token. temperature 0.0 is greedy, the argmax (nanoGPT would divide by zero)."""
     if temperature == 0.0:
@@ -437,7 +425,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
     block_size, stop_S = config.block_size, np.asarray(stop, np.int32)
 
     @jax.jit
-    def generate_tokens(params, idx_BT, keys_B):
+    def generate_tokens(params, idx_BT: Int[Array, "B T"], keys_B: UInt32[Array, "B 2"]) -> Int[Array, "B N"]:
         B, T = idx_BT.shape
         idx_BN = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(idx_BT.astype(jnp.int32))
 
@@ -480,7 +468,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
     return generate_tokens
 
 
-def generate(params, config, idx_BT, max_new_tokens, temperature=1.0, top_k=None, key=None):
+def generate(params, config, idx_BT: Int[Arrayish, "B T"], max_new_tokens: int, temperature=1.0, top_k=None, key=None):
     """nanoGPT's model.generate(idx, max_new_tokens, temperature, top_k) with an explicit PRNG key (row b draws
     with fold_in(key, b); unused when temperature is 0). Compiles on every call: keep make_generate's function
     to sample repeatedly."""

@@ -23,7 +23,7 @@ import numpy as np
 import jax
 
 from model import GPTConfig, param_shapes, get_num_params, crop_block_size, from_pretrained, \
-    configure_optimizers, estimate_mfu, flops_per_iter
+    estimate_mfu, flops_per_iter
 from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpoint, resume_path, flatten, \
     unflatten_like, restore_optimizer, params_to_arrays, params_from_arrays, load_meta, describe
 import parallel
@@ -56,6 +56,8 @@ n_embd = 768
 dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
 bias = False # do we use bias inside LayerNorm and Linear layers?
 # adamw optimizer
+optimizer = 'adamw' # 'adamw' (nanoGPT's) or 'muon': Muon for the blocks' 2-D weights at muon_lr, AdamW for the rest
+muon_lr = 0.02 # Muon's max learning rate, on the same warmup and cosine decay (optimizer='muon' only)
 learning_rate = 6e-4 # max learning rate
 max_iters = 600000 # total number of training iterations
 weight_decay = 1e-1
@@ -100,6 +102,8 @@ if not compile: # nanoGPT's CPU quick start passes it; to step through the step,
           "the flag is accepted for nanoGPT's command lines")
 if gradient_accumulation_steps < 1 or batch_size < 1 or block_size < 1:
     die("gradient_accumulation_steps, batch_size and block_size must be positive")
+if optimizer not in ('adamw', 'muon'):
+    die(f"optimizer={optimizer!r}: use 'adamw' or 'muon'")
 if iters_per_call < 0:
     die(f"iters_per_call={iters_per_call}: give a positive number, or 0 to let train.py choose")
 if master_process:
@@ -164,6 +168,9 @@ try:
         ckpt_path = resume_path(out_dir) if init_from == 'resume' else init_from
         print(f"Resuming training from {ckpt_path}")
         ckpt_arrays, checkpoint = load_checkpoint(ckpt_path)
+        saved_with = checkpoint.get('config', {}).get('optimizer', 'adamw') # nanoGPT's ckpt.pt: AdamW
+        if saved_with != optimizer:
+            die(f"{ckpt_path} holds {saved_with}'s state but optimizer={optimizer!r}: resume with --optimizer={saved_with}")
         # force these config attributes to be equal otherwise we can't even resume training
         # the rest of the attributes (e.g. dropout) can stay as desired from command line
         for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size']:
@@ -251,14 +258,14 @@ def eval_batch(split, it):
 # mixed precision: compute in dtype, master weights and optimizer state in fp32 (autocast and GradScaler's role)
 training.set_precision(dtype)
 
-# optimizer
-optimizer = configure_optimizers(param_shapes(gptconf), weight_decay, learning_rate, (beta1, beta2), grad_clip)
+# optimizer (an optax transformation, tx: `optimizer` is the config's choice)
+tx = training.configure_optimizers(param_shapes(gptconf), weight_decay, learning_rate, (beta1, beta2), grad_clip, optimizer, muon_lr)
 
 # compile ahead of time, on shapes only: nothing is allocated until XLA says it fits
 print("compiling the training step" + (f" ({plan.iters_per_call} iterations per call)" if plan.iters_per_call > 1 else "") + "...")
 t_compile = time.time()
 try:
-    compiled = training.compile_steps(gptconf, optimizer, plan, dtype, seed, eval_batches, params is None, eval_progress)
+    compiled = training.compile_steps(gptconf, tx, plan, dtype, seed, eval_batches, params is None, eval_progress)
 except Exception as e:
     if dtype == 'float32':
         raise # a float32 step that does not compile is a bug: show all of it
@@ -275,7 +282,7 @@ with jax.default_device(plan.local_devices[0]):
     if params is None:
         state = compiled['initial state'][0](jax.random.PRNGKey(seed))
     else:
-        state = training.init_train_state(params, optimizer, dtype, seed)
+        state = training.init_train_state(params, tx, dtype, seed)
     if ckpt_arrays is not None: # the optimizer's state_dict (a ckpt.pt's torch AdamW state converted)
         try:
             state = state._replace(opt_state=restore_optimizer(state.opt_state, ckpt_arrays, ckpt_path))

@@ -2,7 +2,7 @@
 What train.py runs every iteration, importable on its own (bench.py times exactly this step):
 
     policy    = set_precision('bfloat16')                         # a jmp policy on model.GPT (autocast's role)
-    optimizer = model.configure_optimizers(params, weight_decay, learning_rate, (beta1, beta2), grad_clip)
+    optimizer = configure_optimizers(params, weight_decay, learning_rate, (beta1, beta2), grad_clip)
     state     = init_train_state(params, optimizer, 'bfloat16', seed)   # TrainState
     step      = make_train_step(config, optimizer)                # one iteration on one device
     calls     = make_train_calls(step, k)                         # k iterations per call (CPU, small models)
@@ -30,6 +30,7 @@ from jax.experimental import io_callback
 import haiku as hk
 import jmp
 import optax
+from jaxtyping import Array, Bool, Int
 
 import model
 import parallel
@@ -54,6 +55,66 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=Tru
 def perplexity(loss):
     """exp(mean cross-entropy), inf where that overflows a float."""
     return math.exp(loss) if loss < 709.0 else math.inf
+
+
+# -----------------------------------------------------------------------------
+# the optimizer
+
+def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0.0, optimizer='adamw', muon_lr=0.02):
+    """nanoGPT's AdamW (torch.optim.AdamW's update, eps 1e-8) with weight decay on the >=2-D parameters
+    only, after torch's clip_grad_norm_ (optax.clip_by_global_norm) when grad_clip > 0. The learning
+    rate is an injected hyperparameter: the train step sets opt_state.hyperparams['learning_rate'],
+    as nanoGPT sets param_group['lr'].
+    optimizer='muon': optax.contrib.muon (orthogonalised Nesterov momentum, beta 0.95) for the blocks' 2-D
+    weights, c_attn's as three matrices (q, k, v), at muon_lr on the same schedule (muon_lr / learning_rate
+    times the injected rate); AdamW as above for the rest (embeddings, so the tied lm_head, LayerNorms,
+    biases), as modded-nanogpt splits them. weight_decay applies to every 2-D weight, decoupled as AdamW's."""
+    leaves = jax.tree.leaves(params)
+    decay = [p for p in leaves if p.ndim >= 2]
+    nodecay = [p for p in leaves if p.ndim < 2]
+    print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.size for p in decay):,} parameters")
+    print(f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.size for p in nodecay):,} parameters")
+    if optimizer not in ('adamw', 'muon'):
+        raise ValueError(f"optimizer={optimizer!r}: use 'adamw' or 'muon'")
+    muon_scale = muon_lr / learning_rate if learning_rate else 0.0
+
+    def make(learning_rate):
+        decayed = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+        tx = optax.adamw(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay, mask=decayed)
+        if optimizer == 'muon':
+            labels = lambda p: {m: {n: 'muon' if is_muon_weight(m, x) else 'adamw' for n, x in d.items()} for m, d in p.items()}
+            muon = optax.contrib.muon(learning_rate * muon_scale, weight_decay=weight_decay,
+                                      muon_weight_dimension_numbers=qkv_dimension_numbers)
+            tx = optax.partition({'muon': split_qkv(muon), 'adamw': tx}, labels)
+        return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0.0 else tx
+    return optax.inject_hyperparams(make)(learning_rate=learning_rate)
+
+
+def is_muon_weight(module, array):
+    """Muon's share: the 2-D weights inside the transformer blocks (h_0, h_1, ...)."""
+    return '/h_' in module and array.ndim == 2
+
+
+def _map_c_attn(fn, tree):
+    is_c_attn = lambda path: jax.tree_util.keystr(path[:1]).endswith("c_attn']") and getattr(path[-1], "key", None) == "weight"
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if is_c_attn(path) else x, tree)
+
+
+def split_qkv(inner):
+    """inner sees every c_attn weight (C, 3C) as (C, 3, C): q, k and v side by side, three matrices."""
+    split = lambda tree: _map_c_attn(lambda x: x.reshape(x.shape[0], 3, -1), tree)
+    join = lambda tree: _map_c_attn(lambda x: x.reshape(x.shape[0], -1), tree)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(split(updates), state, None if params is None else split(params))
+        return join(updates), state
+    return optax.GradientTransformation(lambda params: inner.init(split(params)), update)
+
+
+def qkv_dimension_numbers(params):
+    """Muon's axes: (in, out) for a 2-D weight; for c_attn's (C, 3, C) the middle axis is a batch of three."""
+    dims = lambda x: optax.contrib.MuonDimensionNumbers(0, 2 if x.ndim == 3 else 1)
+    return jax.tree.map(dims, params)
 
 
 # -----------------------------------------------------------------------------
@@ -99,7 +160,7 @@ class TrainState(NamedTuple):
     rng: Any         # PRNG key from the seed; dropout keys fold in the iteration and the micro-batch
 
 
-class Batch(NamedTuple):
+class Batch(NamedTuple):  # the step's loss_fn checks each micro-batch's shapes (jaxtyping, under the tests)
     x: Any  # (micro_steps, B, T) int32 inputs
     y: Any  # (micro_steps, B, T) int32 targets
 
@@ -116,7 +177,7 @@ def make_train_step(config, optimizer, axis_name=parallel.AXIS):
     axis_name=None gives the function for one device on its own (no collectives)."""
     forward = model.gpt_forward(config)
 
-    def loss_fn(params, x_BT, y_BT, key, scaler):
+    def loss_fn(params, x_BT: Int[Array, "B T"], y_BT: Int[Array, "B T"], key, scaler):
         _, loss = forward.apply(params, key, x_BT, y_BT, is_training=True)
         return scaler.scale(loss), loss
 
@@ -191,7 +252,7 @@ def make_eval_step(config, axis_name=parallel.AXIS, progress=None):
     parallel.Progress that the first device tells how many of its batches are done."""
     forward = model.gpt_forward(config)
 
-    def eval_step(params, x_KBT, y_KBT, valid_K):
+    def eval_step(params, x_KBT: Int[Array, "K B T"], y_KBT: Int[Array, "K B T"], valid_K: Bool[Array, "K"]):
         first_device = True if axis_name is None else lax.axis_index(axis_name) == 0
 
         def one(carry, xs):

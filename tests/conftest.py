@@ -4,6 +4,12 @@ PASSED) are in CI's output without `-s`."""
 
 import os
 
+import jaxtyping
+
+# shapes checked where the code is traced (jaxtyping's annotations, beartype's checks): installed before
+# any test imports these modules; train.py and sample.py run without it, the annotations then cost nothing
+jaxtyping.install_import_hook(['model', 'training'], 'beartype.beartype')
+
 _parity = []
 
 

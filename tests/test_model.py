@@ -459,53 +459,6 @@ def test_import_model_does_not_import_torch():
     assert out.stdout.strip() == '[]', f"import model pulled in {out.stdout.strip()}"
 
 
-def test_configure_optimizers_counts_as_nanogpt(capsys):
-    """nanoGPT's printed counts for GPT-2 124M at vocab 50304 (decay = every >=2-D tensor), from shapes."""
-    shapes = model.param_shapes(GPTConfig())
-    model.configure_optimizers(shapes, weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95))
-    out = capsys.readouterr().out
-    assert "num decayed parameter tensors: 50, with 124,354,560 parameters" in out, out
-    assert "num non-decayed parameter tensors: 98, with 121,344 parameters" in out, out
-    shapes = model.param_shapes(GPTConfig(bias=False, n_layer=2, n_embd=64, n_head=2, vocab_size=100, block_size=8))
-    model.configure_optimizers(shapes, 0.1, 6e-4, (0.9, 0.95))
-    out = capsys.readouterr().out
-    # no biases: only the 2*n_layer+1 LayerNorm weights are left undecayed
-    assert "num non-decayed parameter tensors: 5, with 320 parameters" in out, out
-    assert f"num decayed parameter tensors: 10, with {100 * 64 + 8 * 64 + 2 * 12 * 64 * 64:,} parameters" in out, out
-
-
-def test_configure_optimizers_matches_torch_adamw():
-    """A few steps of our optax AdamW (changing learning rate, weight decay on >=2-D tensors only,
-    global-norm clipping) against torch.optim.AdamW with nanoGPT's two param groups."""
-    torch = pytest.importorskip('torch')
-    import optax
-    _, params, _ = fixture_model()
-    wd, betas, clip = 0.1, (0.9, 0.95), 1.0
-    tx = model.configure_optimizers(params, wd, 1e-2, betas, grad_clip=clip)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    leaves, treedef = jax.tree.flatten(params)
-    tparams = [torch.nn.Parameter(torch.tensor(np.asarray(p))) for p in leaves]
-    topt = torch.optim.AdamW([{'params': [p for p in tparams if p.dim() >= 2], 'weight_decay': wd},
-                              {'params': [p for p in tparams if p.dim() < 2], 'weight_decay': 0.0}],
-                             lr=1e-2, betas=betas, eps=1e-8)
-    rng = np.random.default_rng(7)
-    for step, (lr, scale) in enumerate([(1e-2, 0.01), (5e-3, 10.0), (2e-3, 0.1)]):  # step 2 is clipped
-        grads = [(scale * rng.standard_normal(p.shape)).astype(np.float32) for p in leaves]
-        state.hyperparams['learning_rate'] = lr
-        updates, state = update(jax.tree.unflatten(treedef, [jnp.asarray(g) for g in grads]), state, params)
-        params = optax.apply_updates(params, updates)
-        for p, g in zip(tparams, grads):
-            p.grad = torch.tensor(g)
-        torch.nn.utils.clip_grad_norm_(tparams, clip)
-        for group in topt.param_groups:
-            group['lr'] = lr
-        topt.step()
-    errs = [rel_err(a, b.detach().numpy()) for a, b in zip(jax.tree.leaves(params), tparams)]
-    print(f"\nAdamW vs torch.optim.AdamW after 3 steps: max relative error {max(errs):.2e}")
-    assert max(errs) <= 1e-5, f"AdamW params differ from torch's: {max(errs):.2e}"
-
-
 def test_estimate_mfu_is_nanogpts_formula():
     """PaLM appendix B as nanoGPT: 6N + 12*L*H*Q*T flops per token, T tokens per fwd/bwd, over A100 peak."""
     config = GPTConfig()
@@ -513,3 +466,36 @@ def test_estimate_mfu_is_nanogpts_formula():
     flops_per_iter = (6 * N + 12 * 12 * 12 * 64 * 1024) * 1024 * 40
     assert model.estimate_mfu(config, N, fwdbwd_per_iter=40, dt=2.5) == pytest.approx(flops_per_iter / 2.5 / 312e12)
     assert model.estimate_mfu(config, N, 40, 2.5, peak_flops=989e12) == pytest.approx(flops_per_iter / 2.5 / 989e12)
+
+
+# -----------------------------------------------------------------------------
+# shapes checked at trace time: conftest installs jaxtyping's import hook (beartype) for model.py
+
+def wrong_shape(call):
+    """The one-paragraph error a wrong shape gets, as jaxtyping words it."""
+    import jaxtyping
+    with pytest.raises(jaxtyping.TypeCheckError) as info:
+        call()
+    return str(info.value)
+
+
+def test_targets_of_another_length_name_the_argument_and_dimension():
+    config, params, _ = fixture_model()
+    idx_BT, targets_BT = np.zeros((2, 8), np.int32), np.zeros((2, 7), np.int32)
+    msg = wrong_shape(lambda: jax.jit(gpt_forward(config).apply)(params, None, idx_BT, targets_BT))
+    assert "parameter 'targets_BT'" in msg and "'B T'" in msg and 'T=8' in msg, msg
+
+
+def test_one_dimensional_prompt_names_the_argument_and_dimension():
+    config, params, _ = fixture_model()
+    msg = wrong_shape(lambda: model.generate(params, config, np.arange(5, dtype=np.int32), 3))
+    assert "parameter 'idx_BT'" in msg and "'B T'" in msg and 'i32[5]' in msg, msg
+
+
+def test_cache_of_another_batch_size_names_the_argument_and_dimension():
+    config, params, _ = fixture_model()
+    idx_BT = jnp.zeros((2, 1), jnp.int32)
+    msg = wrong_shape(lambda: jax.jit(gpt_decode(config).apply)(params, idx_BT, init_cache(config, 3), 0))
+    assert "parameter 'cache'" in msg and "'B H D S'" in msg and 'B=2' in msg, msg
+    logits_BV, _ = jax.jit(gpt_decode(config).apply)(params, idx_BT, init_cache(config, 2), 0)  # the right one runs
+    assert logits_BV.shape == (2, config.vocab_size)

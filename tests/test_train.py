@@ -97,7 +97,7 @@ def test_get_lr_matches_nanogpt_formula(warmup, decay_iters):
 
 
 # -----------------------------------------------------------------------------
-# AdamW: model.configure_optimizers against torch.optim.AdamW + clip_grad_norm_
+# AdamW: training.configure_optimizers against torch.optim.AdamW + clip_grad_norm_
 
 @pytest.mark.parametrize('grad_clip', [1.0, 0.0])
 def test_adamw_matches_torch(grad_clip):
@@ -116,7 +116,7 @@ def test_adamw_matches_torch(grad_clip):
     grads_per_step = [jax.tree.map(lambda p, s=s: np.asarray(rng.normal(0, s, p.shape), np.float32), params)
                       for s in (2.0, 0.01, 1.0, 0.05, 3.0, 0.2, 0.02, 5.0)]
 
-    optimizer = model.configure_optimizers(params, wd, lr_max, betas, grad_clip)
+    optimizer = training.configure_optimizers(params, wd, lr_max, betas, grad_clip)
     state = optimizer.init(params)
     ours = params
     adam = 'optimizer.inner_state[1][0]' if grad_clip else 'optimizer.inner_state[0]'
@@ -154,6 +154,83 @@ def test_adamw_matches_torch(grad_clip):
         assert any(clipped) and not all(clipped)  # both regimes were exercised
 
 
+def test_configure_optimizers_counts_as_nanogpt(capsys):
+    """nanoGPT's printed counts for GPT-2 124M at vocab 50304 (decay = every >=2-D tensor), from shapes."""
+    shapes = model.param_shapes(model.GPTConfig())
+    training.configure_optimizers(shapes, weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95))
+    out = capsys.readouterr().out
+    assert "num decayed parameter tensors: 50, with 124,354,560 parameters" in out, out
+    assert "num non-decayed parameter tensors: 98, with 121,344 parameters" in out, out
+    shapes = model.param_shapes(model.GPTConfig(bias=False, n_layer=2, n_embd=64, n_head=2, vocab_size=100, block_size=8))
+    training.configure_optimizers(shapes, 0.1, 6e-4, (0.9, 0.95))
+    out = capsys.readouterr().out
+    # no biases: only the 2*n_layer+1 LayerNorm weights are left undecayed
+    assert "num non-decayed parameter tensors: 5, with 320 parameters" in out, out
+    assert f"num decayed parameter tensors: 10, with {100 * 64 + 8 * 64 + 2 * 12 * 64 * 64:,} parameters" in out, out
+
+
+# -----------------------------------------------------------------------------
+# Muon: training.configure_optimizers(optimizer='muon') against optax.contrib.muon applied by hand
+
+def test_muon_matches_optax_muon_applied_by_hand():
+    """Our Muon equals, step for step, optax's Muon on the blocks' 2-D weights with c_attn cut into three
+    separate (C, C) matrices q, k, v, and optax's AdamW on the rest, after one global-norm clip (set up here
+    by hand from the issue's split); cutting c_attn changes the update (so the split is really there)."""
+    config = model.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, bias=True)
+    params = model.init_params(config, jax.random.PRNGKey(0))
+    wd, lr_max, muon_lr, betas, clip = 0.1, 1e-2, 0.05, (0.9, 0.95), 1.0
+    ours_tx = training.configure_optimizers(params, wd, lr_max, betas, clip, optimizer='muon', muon_lr=muon_lr)
+
+    def by_hand_split(tree):  # {name: matrix} for Muon, the rest for AdamW
+        muon, adamw = {}, {}
+        for module, leaves in tree.items():
+            for name, x in leaves.items():
+                if '/h_' in module and x.ndim == 2 and module.endswith('c_attn'):
+                    for j, part in enumerate('qkv'):
+                        muon[f'{module}.{part}'] = x[:, j * 16:(j + 1) * 16]
+                elif '/h_' in module and x.ndim == 2:
+                    muon[f'{module}.{name}'] = x
+                else:
+                    adamw[f'{module}.{name}'] = x
+        return muon, adamw
+
+    hand_muon = optax.inject_hyperparams(optax.contrib.muon)(learning_rate=muon_lr, weight_decay=wd)
+    decayed = lambda t: jax.tree.map(lambda x: x.ndim >= 2, t)
+    hand_adamw = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(  # else a callable is a schedule
+        learning_rate=lr_max, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=wd, mask=decayed)
+    hand_clip = optax.clip_by_global_norm(clip)
+    fused_muon = optax.contrib.muon(muon_lr, weight_decay=wd)  # c_attn as one (C, 3C) matrix: what the split avoids
+    ours_state = ours_tx.init(params)
+    muon_p, adamw_p = by_hand_split(params)
+    muon_state, adamw_state, clip_state = hand_muon.init(muon_p), hand_adamw.init(adamw_p), hand_clip.init(params)
+    c_attn = 'transformer/h_0/attn/c_attn'
+    fused_state = fused_muon.init(params[c_attn]['weight'])
+    rng = np.random.default_rng(3)
+    for lr, scale in [(1e-2, 1.0), (5e-3, 0.01), (2e-3, 0.3)]:  # the first step is clipped
+        grads = jax.tree.map(lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), jnp.float32), params)
+        ours_state.hyperparams['learning_rate'] = jnp.float32(lr)
+        ours, ours_state = ours_tx.update(grads, ours_state, params)
+
+        clipped, clip_state = hand_clip.update(grads, clip_state)
+        muon_g, adamw_g = by_hand_split(clipped)
+        muon_state.hyperparams['learning_rate'] = jnp.float32(lr * muon_lr / lr_max)
+        adamw_state.hyperparams['learning_rate'] = jnp.float32(lr)
+        muon_u, muon_state = hand_muon.update(muon_g, muon_state, muon_p)
+        adamw_u, adamw_state = hand_adamw.update(adamw_g, adamw_state, adamw_p)
+        want_muon, want_adamw = muon_u, adamw_u
+        got_muon, got_adamw = by_hand_split(ours)
+        assert sorted(got_muon) == sorted(want_muon) and sorted(got_adamw) == sorted(want_adamw)
+        for name in want_muon:
+            np.testing.assert_allclose(got_muon[name], want_muon[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        for name in want_adamw:
+            np.testing.assert_allclose(got_adamw[name], want_adamw[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        fused, fused_state = fused_muon.update(clipped[c_attn]['weight'], fused_state, params[c_attn]['weight'])
+        fused = fused * (lr / lr_max)  # fused_muon runs at muon_lr throughout
+        assert np.abs(np.asarray(fused) - np.asarray(ours[c_attn]['weight'])).max() > 1e-3 * np.abs(np.asarray(fused)).max()
+        params = optax.apply_updates(params, ours)
+        muon_p, adamw_p = by_hand_split(params)
+
+
 # -----------------------------------------------------------------------------
 # gradient accumulation in the compiled step, and data parallelism over devices
 
@@ -185,7 +262,7 @@ PARALLEL_SCRIPT = textwrap.dedent('''
     assert jax.device_count() == 2, jax.devices()
     config = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, dropout=0.1, bias=False)
     params = jax.jit(lambda key: model.init_params(config, key))(jax.random.PRNGKey(0))
-    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
+    optimizer = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
     G, B, T = 4, 2, config.block_size  # 4 micro-batches per iteration in all
     rng = np.random.default_rng(0)
     xs = [rng.integers(0, 65, (G, B, T)).astype(np.int32) for _ in range(3)]
@@ -250,7 +327,7 @@ def tiny_params(config, seed=0):
 def one_step_setup(dtype, config=None, seed=0):
     config = config or tiny_config()
     params = tiny_params(config, seed)
-    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
+    optimizer = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
     state = jit(lambda p: training.init_train_state(p, optimizer, dtype, seed))(params)
     x, y = tokens((2, 4, config.block_size), 3), tokens((2, 4, config.block_size), 4)
     batch = training.Batch(x, y)
@@ -485,7 +562,7 @@ def test_single_device_step_updates_the_donated_state_in_place():
     every one of them after the update (3 copies per parameter array)."""
     config, devices = tiny_config(), jax.devices()[:1]
     params = model.init_params(config, jax.random.PRNGKey(0))
-    optimizer = model.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
+    optimizer = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
     state = training.init_train_state(params, optimizer, 'float32', 0)
     step = parallel.over_devices(training.make_train_step(config, optimizer), devices, (parallel.REPLICA, 0, None, None),
                                  (parallel.REPLICA, 0), donate_argnums=(0,))
@@ -633,6 +710,36 @@ def test_resume_continues_bit_exactly(tmp_path, dataset, env, uninterrupted):
     assert sorted(a) == sorted(b) and any(k.startswith('model.') for k in a) and any(k.startswith('optimizer') for k in a)
     for name in a:  # parameters and AdamW moments, bit for bit
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_muon_trains_resumes_bit_exactly_and_refuses_another_optimizer(tmp_path, dataset, env, uninterrupted):
+    """optimizer='muon' through train.py with gradient accumulation: its own losses (not AdamW's), its state
+    in the checkpoint, N + resume + N equal to 2N bit for bit; resuming it as AdamW is one line, the file kept."""
+    muon = ['--optimizer=muon', '--muon_lr=0.02']
+    full = train(dataset, str(tmp_path / 'full'), f'--max_iters={2 * N}', *muon, env=env, cwd=str(tmp_path))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    out = str(tmp_path / 'out')
+    first = train(dataset, out, f'--max_iters={N}', *muon, env=env, cwd=str(tmp_path))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = train(dataset, out, f'--max_iters={2 * N}', '--init_from=resume', *muon, env=env, cwd=str(tmp_path))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    full_iters, _ = logged(full.stdout)
+    assert sorted(full_iters) == list(range(2 * N + 1))
+    assert {**logged(first.stdout)[0], **logged(second.stdout)[0]} == full_iters
+    adamw_iters, _ = logged(uninterrupted[1])
+    assert full_iters[0] == adamw_iters[0] and full_iters[2 * N] != adamw_iters[2 * N]  # same start, other steps
+    a, _ = load_checkpoint(os.path.join(str(tmp_path / 'full'), CKPT_NAME))
+    b, meta = load_checkpoint(os.path.join(out, CKPT_NAME))
+    assert meta['config']['optimizer'] == 'muon' and sorted(a) == sorted(b)
+    assert any("['muon']" in k and k.endswith("c_attn']['weight']") and a[k].shape == (32, 3, 32) for k in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    before = open(os.path.join(out, CKPT_NAME), 'rb').read()
+    wrong = train(dataset, out, f'--max_iters={3 * N}', '--init_from=resume', env=env, cwd=str(tmp_path))
+    err = wrong.stderr.strip().splitlines()
+    assert wrong.returncode == 1 and len(err) == 1, wrong.stderr[-2000:]
+    assert "muon's state" in err[0] and '--optimizer=muon' in err[0], err
+    assert open(os.path.join(out, CKPT_NAME), 'rb').read() == before
 
 
 def wandb_records(path):
