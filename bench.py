@@ -49,6 +49,7 @@ n_embd = 768
 vocab_size = 50304
 gradient_accumulation_steps = 1 # micro-batches per iteration (lax.scan inside the step)
 iters_per_call = 0 # as train.py: iterations per compiled call; 0: chosen as train.py chooses
+optimizer = 'adamw' # as train.py: 'adamw' or 'muon'
 # benchmark
 burnin = 10 # iterations before timing starts (CPU default: 2)
 num_steps = 20 # timed iterations (CPU default: 8)
@@ -65,8 +66,12 @@ parallel.use_host_devices()
 freed_kept = parallel.keep_freed_memory(device, n_layer, n_embd)
 # -----------------------------------------------------------------------------
 
+if optimizer not in ('adamw', 'muon'):
+    die(f"optimizer={optimizer!r}: use 'adamw' or 'muon'")
 if compare not in ('', 'torch'):
     die(f"compare={compare!r}: use --compare=torch, or leave it empty")
+if compare and optimizer != 'adamw':
+    die("--compare=torch times torch.optim.AdamW: use it with --optimizer=adamw")
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'gradient_accumulation_steps', 'num_steps'):
     if globals()[k] < 1:
         die(f"{k}={globals()[k]} must be positive")
@@ -184,9 +189,9 @@ training.set_precision(dtype)
 with jax.default_device(devices[0]):
     params = init_params(gptconf, jax.random.PRNGKey(seed))
 print(f"number of parameters: {num_params / 1e6:.2f}M")
-optimizer = training.configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0)
-state = training.init_train_state(params, optimizer, dtype, seed)
-step, compile_s = training.compile_steps(gptconf, optimizer, plan, dtype, seed)['train step']
+tx = training.configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0, optimizer=optimizer)
+state = training.init_train_state(params, tx, dtype, seed)
+step, compile_s = training.compile_steps(gptconf, tx, plan, dtype, seed)['train step']
 need = parallel.compiled_bytes(step)
 state = parallel.replicate(state, devices)
 del params

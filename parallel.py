@@ -368,7 +368,7 @@ class Progress:
         now = time.time()
         per_second = max(n - self.n, 1) / max(now - self.t, 1e-6)
         self.t, self.n = now, n
-        return np.int32(n + max(1, int(per_second * self.every)))
+        return np.int32(min(n + max(1, int(per_second * self.every)), 2 ** 31 - 1))  # the loop counts in int32
 
     def show(self, n, *args):
         self.bar.update(n - self.bar.n)
