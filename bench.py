@@ -66,8 +66,8 @@ parallel.use_host_devices()
 freed_kept = parallel.keep_freed_memory(device, n_layer, n_embd)
 # -----------------------------------------------------------------------------
 
-if optimizer not in ('adamw', 'muon'):
-    die(f"optimizer={optimizer!r}: use 'adamw' or 'muon'")
+if optimizer not in training.OPTIMIZERS:
+    die(f"optimizer={optimizer!r}: use one of {', '.join(map(repr, training.OPTIMIZERS))}")
 if compare not in ('', 'torch'):
     die(f"compare={compare!r}: use --compare=torch, or leave it empty")
 if compare and optimizer != 'adamw':
@@ -189,7 +189,7 @@ training.set_precision(dtype)
 with jax.default_device(devices[0]):
     params = init_params(gptconf, jax.random.PRNGKey(seed))
 print(f"number of parameters: {num_params / 1e6:.2f}M")
-tx = training.configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0, optimizer=optimizer)
+tx = training.configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0, kind=optimizer)
 state = training.init_train_state(params, tx, dtype, seed)
 step, compile_s = training.compile_steps(gptconf, tx, plan, dtype, seed)['train step']
 need = parallel.compiled_bytes(step)

@@ -102,8 +102,8 @@ if not compile: # nanoGPT's CPU quick start passes it; to step through the step,
           "the flag is accepted for nanoGPT's command lines")
 if gradient_accumulation_steps < 1 or batch_size < 1 or block_size < 1:
     die("gradient_accumulation_steps, batch_size and block_size must be positive")
-if optimizer not in ('adamw', 'muon'):
-    die(f"optimizer={optimizer!r}: use 'adamw' or 'muon'")
+if optimizer not in training.OPTIMIZERS:
+    die(f"optimizer={optimizer!r}: use one of {', '.join(map(repr, training.OPTIMIZERS))}")
 if iters_per_call < 0:
     die(f"iters_per_call={iters_per_call}: give a positive number, or 0 to let train.py choose")
 if master_process:

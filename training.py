@@ -60,12 +60,15 @@ def perplexity(loss):
 # -----------------------------------------------------------------------------
 # the optimizer
 
-def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0.0, optimizer='adamw', muon_lr=0.02):
+OPTIMIZERS = ('adamw', 'muon')  # configure_optimizers' kinds, train.py's `optimizer` setting
+
+
+def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0.0, kind='adamw', muon_lr=0.02):
     """nanoGPT's AdamW (torch.optim.AdamW's update, eps 1e-8) with weight decay on the >=2-D parameters
     only, after torch's clip_grad_norm_ (optax.clip_by_global_norm) when grad_clip > 0. The learning
     rate is an injected hyperparameter: the train step sets opt_state.hyperparams['learning_rate'],
     as nanoGPT sets param_group['lr'].
-    optimizer='muon': optax.contrib.muon (orthogonalised Nesterov momentum, beta 0.95) for the blocks' 2-D
+    kind='muon': optax.contrib.muon (orthogonalised Nesterov momentum, beta 0.95) for the blocks' 2-D
     weights, c_attn's as three matrices (q, k, v), at muon_lr on the same schedule (muon_lr / learning_rate
     times the injected rate); AdamW as above for the rest (embeddings, so the tied lm_head, LayerNorms,
     biases), as modded-nanogpt splits them. weight_decay applies to every 2-D weight, decoupled as AdamW's."""
@@ -74,14 +77,14 @@ def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0
     nodecay = [p for p in leaves if p.ndim < 2]
     print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.size for p in decay):,} parameters")
     print(f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.size for p in nodecay):,} parameters")
-    if optimizer not in ('adamw', 'muon'):
-        raise ValueError(f"optimizer={optimizer!r}: use 'adamw' or 'muon'")
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer={kind!r}: use one of {', '.join(map(repr, OPTIMIZERS))}")
     muon_scale = muon_lr / learning_rate if learning_rate else 0.0
 
     def make(learning_rate):
         decayed = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
         tx = optax.adamw(learning_rate, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay, mask=decayed)
-        if optimizer == 'muon':
+        if kind == 'muon':
             labels = lambda p: {m: {n: 'muon' if is_muon_weight(m, x) else 'adamw' for n, x in d.items()} for m, d in p.items()}
             muon = optax.contrib.muon(learning_rate * muon_scale, weight_decay=weight_decay,
                                       muon_weight_dimension_numbers=qkv_dimension_numbers)
@@ -96,7 +99,8 @@ def is_muon_weight(module, array):
 
 
 def _map_c_attn(fn, tree):
-    is_c_attn = lambda path: jax.tree_util.keystr(path[:1]).endswith("c_attn']") and getattr(path[-1], "key", None) == "weight"
+    """fn applied to the c_attn weights of a {module: {name: array}} tree, the other leaves as they are."""
+    is_c_attn = lambda path: path[0].key.endswith('/c_attn') and path[-1].key == 'weight'
     return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if is_c_attn(path) else x, tree)
 
 

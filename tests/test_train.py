@@ -170,7 +170,7 @@ def test_configure_optimizers_counts_as_nanogpt(capsys):
 
 
 # -----------------------------------------------------------------------------
-# Muon: training.configure_optimizers(optimizer='muon') against optax.contrib.muon applied by hand
+# Muon: training.configure_optimizers(kind='muon') against optax.contrib.muon applied by hand
 
 def test_muon_matches_optax_muon_applied_by_hand():
     """Our Muon equals, step for step, optax's Muon on the blocks' 2-D weights with c_attn cut into three
@@ -179,7 +179,7 @@ def test_muon_matches_optax_muon_applied_by_hand():
     config = model.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, bias=True)
     params = model.init_params(config, jax.random.PRNGKey(0))
     wd, lr_max, muon_lr, betas, clip = 0.1, 1e-2, 0.05, (0.9, 0.95), 1.0
-    ours_tx = training.configure_optimizers(params, wd, lr_max, betas, clip, optimizer='muon', muon_lr=muon_lr)
+    ours_tx = training.configure_optimizers(params, wd, lr_max, betas, clip, kind='muon', muon_lr=muon_lr)
 
     def by_hand_split(tree):  # {name: matrix} for Muon, the rest for AdamW
         muon, adamw = {}, {}
