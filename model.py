@@ -162,6 +162,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     activation: str = 'gelu'  # 'gelu' (exact, nanoGPT's nn.GELU) or 'gelu_new' (tanh form, GPT-2 checkpoints)
+    remat: bool = False  # recompute each block's activations in the backward (hk.remat): less memory, ~1/3 more compute
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -193,7 +194,11 @@ class GPT(hk.Module):
         x_BTC = apply_dropout(x_BTC, cfg.dropout, is_training)
         new_cache = []
         for i in range(cfg.n_layer):
-            x_BTC, kv = Block(cfg, name=f'h_{i}')(x_BTC, is_training, None if cache is None else cache[i], pos)
+            block = Block(cfg, name=f'h_{i}')
+            if cache is None and cfg.remat:  # keeps only x_BTC per block (XLA:CPU: with its memory-optimized scheduler)
+                x_BTC = hk.remat(lambda x_BTC, block=block: block(x_BTC, is_training)[0])(x_BTC)
+                continue
+            x_BTC, kv = block(x_BTC, is_training, None if cache is None else cache[i], pos)
             new_cache.append(kv)
         x_BTC = LayerNorm(cfg.bias, name='ln_f')(x_BTC)
         if cache is not None:

@@ -452,6 +452,41 @@ def test_residual_gradient_is_exact_whatever_the_stream_holds():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(g.astype(dtype), np.float32))
 
 
+# XLA:CPU's default (concurrency-optimized) scheduler runs the recomputation early, as soon as its inputs
+# exist, so remat saves nothing there; the memory-optimized one keeps it next to the backward that needs it.
+# (This jaxlib ignores the older xla_cpu_enable_concurrency_optimized_scheduler=False in compiler_options.)
+MEMORY_SCHEDULER = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+
+
+def compiled_loss_grad(config, params, idx_BT):
+    """The training loss's value_and_grad, compiled (with MEMORY_SCHEDULER on the CPU), and XLA's temp estimate."""
+    fwd = gpt_forward(config)
+    loss_grad = jax.value_and_grad(lambda p, idx, tgt: fwd.apply(p, None, idx, tgt, is_training=True)[1])
+    options = MEMORY_SCHEDULER if jax.default_backend() == 'cpu' else {}
+    compiled = jax.jit(loss_grad).lower(params, idx_BT, idx_BT).compile(compiler_options=options)
+    return compiled, compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_gives_the_same_gradients_in_less_temp_memory():
+    """remat=True recomputes each block in the backward: the same parameters (names and shapes), the same loss
+    and gradients, and a lower temp-memory estimate from XLA. The config makes the blocks' activations (the
+    (T, T) attention probabilities above all) the bulk of the memory, as in a real model."""
+    config = GPTConfig(vocab_size=64, block_size=256, n_layer=4, n_head=8, n_embd=64, remat=False)
+    remat_config = GPTConfig(**{**config.__dict__, 'remat': True})
+    params = init_params(config, jax.random.PRNGKey(0))
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, init_params(remat_config, jax.random.PRNGKey(0)))
+    idx_BT = jnp.asarray(np.random.default_rng(7).integers(0, config.vocab_size, size=(4, 256)), jnp.int32)
+    (plain, plain_temp), (remat, remat_temp) = (compiled_loss_grad(c, params, idx_BT) for c in (config, remat_config))
+    (loss, grads), (remat_loss, remat_grads) = plain(params, idx_BT, idx_BT), remat(params, idx_BT, idx_BT)
+    np.testing.assert_allclose(float(remat_loss), float(loss), rtol=1e-6)
+    assert jax.tree.structure(remat_grads) == jax.tree.structure(grads)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    print(f"\nremat: XLA temp estimate {remat_temp / 2**20:.1f} MiB vs {plain_temp / 2**20:.1f} MiB without "
+          f"({remat_temp / plain_temp:.2f}x)")
+    assert remat_temp < 0.8 * plain_temp, f"remat {remat_temp} bytes vs {plain_temp} without"
+
+
 def test_import_model_does_not_import_torch():
     code = "import sys, model; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
