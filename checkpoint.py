@@ -84,12 +84,40 @@ def _file_mode(path):
         return 0o666 & ~umask
 
 
+# safetensors' dtype names
+DTYPE_NAMES = {'float64': 'F64', 'float32': 'F32', 'float16': 'F16', 'bfloat16': 'BF16', 'int64': 'I64', 'int32': 'I32',
+               'int16': 'I16', 'int8': 'I8', 'uint64': 'U64', 'uint32': 'U32', 'uint16': 'U16', 'uint8': 'U8', 'bool': 'BOOL'}
+
+
+def _write_safetensors(f, arrays, meta_json):
+    """The safetensors format written one array at a time, with _digest(arrays, meta_json) in its metadata.
+    safetensors' own writers take every array at once as a contiguous copy: with the transposed weights, a
+    second copy of the parameters in memory, where this holds one array more than the caller's."""
+    names = sorted(arrays)
+    header, offset = {'__metadata__': {'sha256': '0' * 64, 'meta': meta_json}}, 0
+    for name in names:
+        a = arrays[name]
+        header[name] = {'dtype': DTYPE_NAMES[a.dtype.name], 'shape': list(a.shape), 'data_offsets': [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    head = json.dumps(header).encode()
+    head += b' ' * (-len(head) % 8)  # the format pads the header to 8 bytes with spaces
+    f.write(len(head).to_bytes(8, 'little') + head)
+    digest = hashlib.sha256()
+    for name in names:
+        data = np.ascontiguousarray(arrays[name], arrays[name].dtype.newbyteorder('<')).reshape(-1).view(np.uint8)
+        digest.update(name.encode())
+        digest.update(data)
+        f.write(data)
+        del data  # before the next array's copy
+    digest.update(b'\0meta\0' + meta_json.encode())
+    f.seek(8 + head.index(b'"sha256": "') + len(b'"sha256": "'))  # the placeholder, the header's first value
+    f.write(digest.hexdigest().encode())
+
+
 def save_checkpoint(path, arrays, meta):
     """Atomically write arrays (name -> numpy-convertible) and meta (JSON-serialisable) to path."""
-    from safetensors.numpy import save
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
     meta_json = json.dumps(meta)
-    blob = save(arrays, metadata={'meta': meta_json, 'sha256': _digest(arrays, meta_json)})
     folder = os.path.dirname(os.path.abspath(path))
     _remove_stale_temps(folder)  # before writing: their space may be what the new file needs
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.safetensors', dir=folder)
@@ -98,7 +126,7 @@ def save_checkpoint(path, arrays, meta):
         with os.fdopen(fd, 'wb') as f:
             if fcntl is not None:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # held until the rename, or until this process dies
-            f.write(blob)
+            _write_safetensors(f, arrays, meta_json)
             f.flush()
             os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -678,3 +678,28 @@ def test_unreadable_checkpoint_is_not_called_corrupt(tmp_path):
     path.mkdir()
     with pytest.raises(CheckpointError, match=rf'cannot read {re.escape(str(path))} .*readable file'):
         load_checkpoint(str(path))
+
+
+def test_saving_holds_one_array_beyond_the_callers(tmp_path):
+    """save_checkpoint writes array by array: at its peak it has allocated about one array (the contiguous copy
+    of a transposed weight, as params_to_arrays hands them over), not a second copy of the state; safetensors'
+    own reader reads back every array and the metadata."""
+    import tracemalloc
+    from safetensors import safe_open
+    rng = np.random.default_rng(0)
+    arrays = {f'model.w{i}': rng.normal(size=(256, 512)).astype(np.float32).T for i in range(8)}
+    arrays.update({'optimizer.count': np.int32(3), 'mask': np.array([True, False])})
+    largest = max(a.nbytes for a in arrays.values())
+    path = str(tmp_path / CKPT_NAME)
+    tracemalloc.start()
+    try:
+        checkpoint.save_checkpoint(path, arrays, {'iter_num': 3})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * largest, (peak, largest, sum(a.nbytes for a in arrays.values()))
+    with safe_open(path, framework='numpy') as f:
+        assert sorted(f.keys()) == sorted(arrays) and json.loads(f.metadata()['meta']) == {'iter_num': 3}
+        for k, a in arrays.items():
+            np.testing.assert_array_equal(f.get_tensor(k), a, err_msg=k)
+    assert load_checkpoint(path)[1] == {'iter_num': 3}  # and its checksum holds
