@@ -25,7 +25,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from model import GPTConfig, init_params, param_shapes, get_num_params, estimate_mfu, flops_per_iter
+from model import GPTConfig, param_shapes, get_num_params, estimate_mfu, flops_per_iter
 import parallel
 from parallel import die
 import training
@@ -50,6 +50,8 @@ vocab_size = 50304
 gradient_accumulation_steps = 1 # micro-batches per iteration (lax.scan inside the step)
 iters_per_call = 0 # as train.py: iterations per compiled call; 0: chosen as train.py chooses
 optimizer = 'adamw' # as train.py: 'adamw' or 'muon'
+fsdp = 1 # as train.py: devices sharing each parameter, gradient and optimizer state; 1: whole copies (DDP's)
+remat = False # as train.py: recompute each block's activations in the backward
 # benchmark
 burnin = 10 # iterations before timing starts (CPU default: 2)
 num_steps = 20 # timed iterations (CPU default: 8)
@@ -93,12 +95,12 @@ if platform == 'cpu':
         print("CPU-sized defaults (give them on the command line to change): "
               + ", ".join(f"{k}={v}" for k, v in changed.items()))
 gptconf = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                    dropout=0.0, bias=bias)
+                    dropout=0.0, bias=bias, remat=remat)
 num_params = get_num_params(param_shapes(gptconf))
 # as train.py: micro-batches over the devices, or on CPU each micro-batch's rows over the host devices
 try:
     plan = parallel.plan_devices(devices, gradient_accumulation_steps, batch_size, num_params,
-                                 flops_per_iter(gptconf, num_params, gradient_accumulation_steps * batch_size), iters_per_call)
+                                 flops_per_iter(gptconf, num_params, gradient_accumulation_steps * batch_size), iters_per_call, fsdp)
 except ValueError as e:
     die(str(e))
 devices, iters_per_call = plan.devices, plan.iters_per_call
@@ -106,7 +108,8 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"{len(devices)} {platform} device(s) ({devices[0].device_kind}), dtype {dtype}, "
       f"{n_layer}L/{n_head}H/{n_embd}C, vocab {vocab_size}, batch_size {batch_size} x block_size {block_size} "
       f"x {gradient_accumulation_steps} micro-batch(es) = {tokens_per_iter:,} tokens/iter"
-      + (f", each micro-batch's rows split over {plan.row_split} host devices" if plan.row_split > 1 else ""))
+      + (f", each micro-batch's rows split over {plan.row_split} host devices" if plan.row_split > 1 else "")
+      + (f", the state sharded over {fsdp} (fsdp)" if fsdp > 1 else "") + (", remat" if remat else ""))
 if iters_per_call > 1:
     print(f"jax: {iters_per_call} iterations per compiled call (train.py's choice here unless given); times are per iteration")
 
@@ -186,15 +189,12 @@ def report(name, compile_s, times, per_call=1):
 # JAX: training.py's step, as train.py builds it
 
 training.set_precision(dtype)
-with jax.default_device(devices[0]):
-    params = init_params(gptconf, jax.random.PRNGKey(seed))
 print(f"number of parameters: {num_params / 1e6:.2f}M")
-tx = training.configure_optimizers(params, 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0, kind=optimizer)
-state = training.init_train_state(params, tx, dtype, seed)
-step, compile_s = training.compile_steps(gptconf, tx, plan, dtype, seed)['train step']
+tx = training.configure_optimizers(param_shapes(gptconf), 1e-2, 1e-4, (0.9, 0.95), grad_clip=1.0, kind=optimizer)
+compiled = training.compile_steps(gptconf, tx, plan, dtype, seed, from_scratch=True)
+step, compile_s = compiled['train step']
 need = parallel.compiled_bytes(step)
-state = parallel.replicate(state, devices)
-del params
+state = parallel.put_state(compiled['initial state'][0](jax.random.PRNGKey(seed)), plan) # under fsdp, made in its shards
 
 lrs = np.full(iters_per_call, 1e-4, np.float32)
 
@@ -202,7 +202,7 @@ lrs = np.full(iters_per_call, 1e-4, np.float32)
 def jax_call(call):
     """Runs call number `call` (iters_per_call iterations) and returns its last loss, once it is back."""
     global state
-    state, metrics = step(state, parallel.shard(jax_calls(call), devices), lrs, np.int32(call * iters_per_call), np.int32(iters_per_call))
+    state, metrics = step(state, parallel.shard(jax_calls(call), parallel.batch_sharding(plan)), lrs, np.int32(call * iters_per_call), np.int32(iters_per_call))
     return float(parallel.first_shard(metrics['loss']).reshape(-1)[-1])
 
 

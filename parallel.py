@@ -12,6 +12,7 @@ import concurrent.futures
 import ctypes
 import importlib.metadata
 import importlib.util
+import math
 import os
 import sys
 import threading
@@ -224,6 +225,7 @@ class DevicePlan(NamedTuple):
     micro_steps: int     # micro-batches per device per iteration
     rows: int            # rows of each of them: batch_size // row_split
     iters_per_call: int  # iterations per compiled call
+    fsdp: int = 1        # devices sharing (sharding) each parameter, gradient and moment; 1: DDP's whole copies
 
 
 def split_rows(n_local, n_processes, accumulation, batch_size, platform, num_params):
@@ -243,21 +245,29 @@ def split_rows(n_local, n_processes, accumulation, batch_size, platform, num_par
     return per_process, row_split
 
 
-def plan_devices(devices, accumulation, batch_size, num_params, flops_per_iter, iters_per_call=0):
+def plan_devices(devices, accumulation, batch_size, num_params, flops_per_iter, iters_per_call=0, fsdp=1):
     """The DevicePlan of a run over `devices` (select_devices'). iters_per_call 0: several iterations per
     call for small models on a CPU, where the host shares its cores with the devices and every call costs
-    them time; one elsewhere (there the host dispatches ahead of the device). ValueError as split_rows."""
+    them time; one elsewhere (there the host dispatches ahead of the device). fsdp > 1: every device, whole
+    micro-batches, a mesh of (devices / fsdp) data-parallel groups x fsdp shards. ValueError as split_rows,
+    or when fsdp does not divide the devices."""
     platform = devices[0].platform
     by_process = {}
     for d in devices:
         by_process.setdefault(d.process_index, []).append(d)
     n_local = len(by_process[jax.process_index()])
-    per_process, row_split = split_rows(n_local, len(by_process), accumulation, batch_size, platform, num_params)
+    if fsdp > 1 and len(devices) == 1:
+        raise ValueError(f"fsdp={fsdp} shards the state over several devices but this run has one: use --fsdp=1")
+    if fsdp > 1 and len(devices) % fsdp:
+        raise ValueError(f"fsdp={fsdp} must divide the number of devices ({len(devices)}): e.g. --fsdp={len(devices)}")
+    # under fsdp every device takes whole micro-batches, a CPU's host devices too
+    per_process, row_split = split_rows(n_local, len(by_process), accumulation, batch_size,
+                                        platform if fsdp == 1 else 'mesh', num_params)
     devices = [d for p in sorted(by_process) for d in by_process[p][:per_process]]
     if iters_per_call == 0:
         iters_per_call = 1 if platform != 'cpu' else int(max(1, min(MAX_ITERS_PER_CALL, CALL_FLOPS // max(flops_per_iter, 1))))
     return DevicePlan(devices, by_process[jax.process_index()][:per_process], row_split,
-                      accumulation * row_split // len(devices), batch_size // row_split, iters_per_call)
+                      accumulation * row_split // len(devices), batch_size // row_split, iters_per_call, fsdp)
 
 
 def split_batch(a_GB, plan):
@@ -336,14 +346,103 @@ def unreplicate(tree, devices):
     return jax.tree.map(first, tree)
 
 
-def shard(tree, devices):
-    """numpy arrays with a leading axis of len(devices) -> device arrays, slice i on device i."""
-    return jax.device_put(tree, device_sharding(devices))  # one call for the whole tree: half the time of one per leaf
+def shard(tree, where):
+    """numpy arrays with a leading device axis -> device arrays, slice i on device i. where: the devices, or
+    a sharding (batch_sharding's)."""
+    sharding = where if isinstance(where, jax.sharding.Sharding) else device_sharding(where)
+    return jax.device_put(tree, sharding)  # one call for the whole tree: half the time of one per leaf
 
 
 def first_shard(a):
     """A per-device output as numpy, the first local device's part (the same on every device after a pmean)."""
     return np.asarray(a.addressable_shards[0].data)
+
+
+# -----------------------------------------------------------------------------
+# the state sharded over a mesh (FSDP, ZeRO-3): GSPMD partitions one jit-compiled step
+
+DATA, SHARDS = 'data', 'fsdp'  # the mesh's axes: data-parallel groups x the devices sharing each array
+MIN_SHARDED = 2 ** 14  # elements; smaller arrays (biases, LayerNorms, counters, the PRNG key) stay whole
+
+
+def mesh_of(plan):
+    """(devices / fsdp) x fsdp devices, in the plan's order: a group's shards on neighbouring devices."""
+    return jax.sharding.Mesh(np.array(plan.devices).reshape(-1, plan.fsdp), (DATA, SHARDS))
+
+
+def fsdp_sharding(mesh, shape):
+    """An array's layout under fsdp: split over SHARDS along its longest axis that they divide (a parameter
+    and its moments alike, the rule reading only the shape), whole on every device when none does or it is small."""
+    n = mesh.shape[SHARDS]
+    axes = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i]) if shape[i] % n == 0]
+    spec = [None] * len(shape)
+    if axes and math.prod(shape) >= MIN_SHARDED:
+        spec[axes[0]] = SHARDS
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def state_sharding(tree, plan):
+    """fsdp_sharding of every leaf of a pytree of arrays or shapes."""
+    mesh = mesh_of(plan)
+    return jax.tree.map(lambda a: fsdp_sharding(mesh, np.shape(a)), tree)
+
+
+class OverMesh(NamedTuple):
+    """A function compiled once for the whole mesh (over_mesh); compile it with compile_ahead."""
+    fn: Any        # jax.jit with the shardings
+    in_axes: tuple
+    devices: list
+    mesh: Any
+
+
+def batch_sharding(plan):
+    """The layout of this process's batches, leading axis over its devices in the plan's order (shard's)."""
+    if plan.fsdp == 1:
+        return device_sharding(plan.local_devices)
+    return jax.sharding.NamedSharding(mesh_of(plan).local_mesh, jax.sharding.PartitionSpec((DATA, SHARDS)))
+
+
+def over_mesh(fn, plan, in_axes, out_axes, state, donate_argnums=()):
+    """fn once over the plan's mesh, GSPMD's way: arguments with axis REPLICA are the state (or its
+    parameters), laid out as state_sharding of `state`, their shapes; axis 0, batches split along their leading
+    device axis as over_devices takes them, which fn sees whole; None, the same value for all. Outputs (axes as
+    over_devices'): REPLICA laid out as the state, the rest replicated. XLA inserts the collectives: all-gathers of the parameters
+    where they are used, the gradients' reduction onto their shards."""
+    P, mesh = jax.sharding.PartitionSpec, mesh_of(plan)
+    layout = {REPLICA: state_sharding(state, plan), 0: jax.sharding.NamedSharding(mesh, P((DATA, SHARDS))),
+              None: jax.sharding.NamedSharding(mesh, P())}
+    out = lambda a: layout[REPLICA] if a == REPLICA else layout[None]
+    outs = tuple(map(out, out_axes)) if isinstance(out_axes, tuple) else out(out_axes)
+    return OverMesh(jax.jit(fn, in_shardings=tuple(layout[a] for a in in_axes), out_shardings=outs,
+                            donate_argnums=donate_argnums), in_axes, plan.devices, mesh)
+
+
+def put_state(tree, plan):
+    """The train state (or its parameters) where the plan's step takes it, from host arrays or arrays on a
+    device: a whole copy on each local device (replicate); under fsdp each device's slices only (state_sharding)."""
+    if plan.fsdp == 1:
+        return replicate(tree, plan.local_devices)
+
+    def place(a, sharding):
+        if isinstance(a, jax.Array) and a.sharding == sharding:
+            return a
+        return jax.make_array_from_callback(np.shape(a), sharding, lambda index: np.asarray(a[index]))
+    return jax.tree.map(place, tree, state_sharding(tree, plan))
+
+
+def get_state(tree, plan):
+    """put_state's inverse: numpy arrays on the host, gathered one array at a time (so the host holds one
+    whole copy of the state and no device more than its share plus one array). Under fsdp across processes
+    every process must call it (the gathers are collectives)."""
+    if plan.fsdp == 1:
+        return unreplicate(tree, plan.local_devices)
+    from jax.experimental import multihost_utils
+
+    def gather(a):
+        if a.is_fully_addressable or a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0)) if a.is_fully_replicated else np.asarray(a)
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return jax.tree.map(gather, tree)
 
 
 # -----------------------------------------------------------------------------
@@ -390,6 +489,9 @@ def _lowering_shapes(step, local_devices, args):
     replicate and shard add it. Across processes pmap lowers on global shapes (every process's devices):
     ShapedArrays, which it reads as such."""
     n = len(step.devices)
+    if isinstance(step, OverMesh):  # a batch's global shape; the state as it is
+        return [jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + np.shape(a), a.dtype), arg) if ax == 0 else arg
+                for arg, ax in zip(args, step.in_axes)]
     if jax.process_count() > 1:
         return [arg if ax is None else jax.tree.map(lambda a: jax.core.ShapedArray((n,) + np.shape(a), a.dtype), arg)
                 for arg, ax in zip(args, step.in_axes)]
@@ -411,6 +513,12 @@ def _local_view(compiled, step, local_devices):
     mesh = jax.sharding.Mesh(np.array(step.devices), (AXIS,))
     P = jax.sharding.PartitionSpec
     specs = tuple(P() if ax is None else P(AXIS) for ax in step.in_axes)
+    if isinstance(step, OverMesh):  # the state is global already; batches become global, outputs stay so
+        def run(*args):
+            return compiled(*(multihost_utils.host_local_array_to_global_array(a, step.mesh, P((DATA, SHARDS)))
+                              if ax == 0 else a for a, ax in zip(args, step.in_axes)))
+        run.memory_analysis = compiled.memory_analysis
+        return run
 
     def run(*local_args):
         out = compiled(*multihost_utils.host_local_array_to_global_array(local_args, mesh, specs))
@@ -419,20 +527,20 @@ def _local_view(compiled, step, local_devices):
     return run
 
 
-def compile_ahead(jobs, local_devices):
-    """jobs: {name: (fn, args)}, fn an OverDevices (args as one device sees them, e.g. ShapeDtypeStructs:
-    the device axes are added here) or a jax.jit function (args as given). Returns {name: (compiled, seconds)},
+def compile_ahead(jobs, local_devices, compiler_options=None):
+    """jobs: {name: (fn, args)}, fn an OverDevices or OverMesh (args as one device sees them, e.g.
+    ShapeDtypeStructs: the device axes are added here; OverMesh's state whole) or a jax.jit function (args as given). Returns {name: (compiled, seconds)},
     seconds from the start of its lowering to the end of its compile. Each job is lowered in turn (tracing
     is Python) and compiled on a thread of its own: XLA releases the GIL for much of a compile, so the
-    compiles overlap. Compiled steps take this process's arrays."""
+    compiles overlap. Compiled steps take this process's arrays. compiler_options: XLA's, for every job."""
     def compile_one(name, lowered, t0):
-        return name, lowered.compile(), time.time() - t0
+        return name, lowered.compile(compiler_options), time.time() - t0
 
     with jax.default_device(local_devices[0]), concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = []
         for name, (fn, args) in jobs.items():
             t0 = time.time()
-            if isinstance(fn, OverDevices):
+            if isinstance(fn, (OverDevices, OverMesh)):
                 futures.append((fn, pool.submit(compile_one, name, fn.fn.lower(*_lowering_shapes(fn, local_devices, args)), t0)))
             else:
                 futures.append((None, pool.submit(compile_one, name, fn.lower(*args), t0)))
@@ -475,20 +583,31 @@ def device_memory_bytes(device):
     return None
 
 
-def check_memory(compiled, local_devices):
-    """Prints XLA's estimate of the memory the biggest of the compiled functions needs on this process's
-    devices, and dies when that is more than they have."""
+def process_bytes(compiled, local_devices):
+    """XLA's estimate of the memory the biggest of the compiled functions needs on one of this process's
+    devices; on a CPU, where host devices share the machine's RAM, on all of them. None if unknown."""
     need = [compiled_bytes(c) for c in compiled]
     if None in need:
+        return None
+    return max(need) * (len(local_devices) if local_devices[0].platform == 'cpu' else 1)
+
+
+def check_memory(compiled, local_devices, other_settings=None):
+    """Prints XLA's estimate of the memory the compiled functions need on this process's devices, and dies
+    when that is more than they have. other_settings: called then, (flags, [compiled], local devices) of
+    settings that might fit, whose estimates the refusal lists."""
+    need = process_bytes(compiled, local_devices)
+    if need is None:
         return
     device = local_devices[0]
-    on_cpu = device.platform == 'cpu'
-    need = max(need) * (len(local_devices) if on_cpu else 1)  # host devices share the machine's RAM
     have = device_memory_bytes(device)
-    where = f"{len(local_devices)} cpu device(s) (machine RAM)" if on_cpu else f"one {device.device_kind}"
+    where = f"{len(local_devices)} cpu device(s) (machine RAM)" if device.platform == 'cpu' else f"one {device.device_kind}"
     print(f"memory: the compiled step needs ~{need / 2**30:.3f} GiB (XLA estimate) on {where}, which has "
           + (f"{have / 2**30:.2f} GiB" if have else "an unknown amount"))
     if have and need > have:
-        die(f"the compiled training step needs ~{need / 2**30:.2f} GiB but {where} has {have / 2**30:.2f} GiB: "
-            f"lower --batch_size (raise --gradient_accumulation_steps to keep the tokens per iteration), "
-            f"--block_size or the model size")
+        estimates = [(flags, process_bytes(c, devices)) for flags, c, devices in (other_settings or list)()]
+        others = ", ".join(f"{flags} ~{b / 2**30:.2f} GiB" + (" (fits)" if b <= have else "") for flags, b in estimates if b)
+        die(f"the compiled training step needs ~{need / 2**30:.2f} GiB but {where} has {have / 2**30:.2f} GiB"
+            + (f"; XLA's estimates with {others}" if others else "")
+            + ": take a setting that fits, or lower --batch_size (raise --gradient_accumulation_steps to keep the "
+              "tokens per iteration), --block_size or the model size")

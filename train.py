@@ -1,6 +1,8 @@
 """
 This training script runs on a single device in debug mode, on all the devices of a machine (data
 parallel with jax.pmap, DDP's role), and across machines (JAX's distributed runtime, torchrun's).
+Models too big for one device: --fsdp=N shards the parameters, gradients and optimizer state over N
+devices (FSDP's role, on jax.jit and a device mesh), --remat=True recomputes activations in the backward.
 
 To run on one machine (all its GPUs, or the CPU), example:
 $ python train.py --batch_size=32
@@ -55,6 +57,7 @@ n_head = 12
 n_embd = 768
 dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
 bias = False # do we use bias inside LayerNorm and Linear layers?
+remat = False # recompute each block's activations in the backward (gradient checkpointing): less memory, ~1/3 more compute
 # adamw optimizer
 optimizer = 'adamw' # 'adamw' (nanoGPT's) or 'muon': Muon for the blocks' 2-D weights at muon_lr, AdamW for the rest
 muon_lr = 0.02 # Muon's max learning rate, on the same warmup and cosine decay (optimizer='muon' only)
@@ -74,6 +77,7 @@ backend = 'nccl' # kept for nanoGPT's command lines; JAX picks GPU/TPU collectiv
 coordinator_address = '' # 'host:port' of process 0, or 'auto' on a TPU pod/SLURM/Open MPI/Kubernetes; default $JAX_COORDINATOR_ADDRESS
 num_processes = 0 # default $JAX_NUM_PROCESSES, else 1
 process_id = -1 # default $JAX_PROCESS_ID
+fsdp = 1 # devices sharing (sharding) each parameter, its gradient and optimizer state (FSDP, ZeRO-3); 1: DDP's whole copies
 # system
 device = 'cuda' # 'cpu', 'cuda' (all local GPUs), 'cuda:0', 'tpu', ...: the JAX platform; 'cuda' falls back to what JAX has
 dtype = 'auto' # 'float32', 'bfloat16', or 'float16' (dynamic loss scaling); 'auto': bfloat16 on GPU/TPU, float32 on CPU
@@ -98,10 +102,9 @@ devices = parallel.select_devices(device)
 platform = devices[0].platform
 dtype = config['dtype'] = parallel.select_dtype(dtype, platform)
 if not compile: # nanoGPT's CPU quick start passes it; to step through the step, use jax.disable_jit()
-    print("compile=False: JAX runs the training step through XLA either way (un-jitted it would be ~5x slower); "
-          "the flag is accepted for nanoGPT's command lines")
-if gradient_accumulation_steps < 1 or batch_size < 1 or block_size < 1:
-    die("gradient_accumulation_steps, batch_size and block_size must be positive")
+    print("compile=False: JAX compiles the training step with XLA either way (un-jitted ~5x slower); accepted for nanoGPT's command lines")
+if min(gradient_accumulation_steps, batch_size, block_size, fsdp) < 1:
+    die("gradient_accumulation_steps, batch_size, block_size and fsdp must be positive")
 if optimizer not in training.OPTIMIZERS:
     die(f"optimizer={optimizer!r}: use one of {', '.join(map(repr, training.OPTIMIZERS))}")
 if iters_per_call < 0:
@@ -124,8 +127,7 @@ except ValueError as e:
 
 def get_batch(split, starts, vocab_size):
     """x, y of the windows of split that start at starts, shape starts.shape + (block_size,)."""
-    # we recreate np.memmap every batch to avoid a memory leak, as nanoGPT does
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r') # anew each batch: no memory leak (nanoGPT)
     x, y = training.get_batch(data, starts, block_size)
     top = max(int(x.max()), int(y.max())) # past the vocabulary jnp's lookup gives NaN, read as divergence
     if top >= vocab_size:
@@ -211,6 +213,7 @@ if block_size < gptconf.block_size:
     model_args['block_size'] = block_size # so that the checkpoint will have the right value
 elif block_size > gptconf.block_size:
     die(f"block_size={block_size} is longer than the model's {gptconf.block_size} (init_from={init_from!r})")
+gptconf.remat = remat # how the step computes, not the model: not in model_args
 num_params = get_num_params(param_shapes(gptconf))
 print(f"number of parameters: {num_params/1e6:.2f}M")
 
@@ -218,12 +221,12 @@ print(f"number of parameters: {num_params/1e6:.2f}M")
 # host devices are its cores, not DDP ranks: with too few micro-batches they split each one's rows instead
 try:
     plan = parallel.plan_devices(devices, gradient_accumulation_steps, batch_size, num_params,
-                                 flops_per_iter(gptconf, num_params, gradient_accumulation_steps * batch_size), iters_per_call)
+                                 flops_per_iter(gptconf, num_params, gradient_accumulation_steps * batch_size), iters_per_call, fsdp)
 except ValueError as e:
     die(str(e))
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
-    split = f", its rows split over {plan.row_split} host devices" if plan.row_split > 1 else ""
+    split = f", its rows split over {plan.row_split} host devices" if plan.row_split > 1 else f", the state sharded over {fsdp} (fsdp)" if fsdp > 1 else ""
     print(f"training on {len(plan.devices)} {platform} device(s) in {jax.process_count()} process(es), dtype {dtype}, "
           f"{plan.micro_steps} micro-step(s) of batch_size {batch_size} per device{split}")
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -266,23 +269,24 @@ print("compiling the training step" + (f" ({plan.iters_per_call} iterations per 
 t_compile = time.time()
 try:
     compiled = training.compile_steps(gptconf, tx, plan, dtype, seed, eval_batches, params is None, eval_progress)
-except Exception as e:
+except Exception as e: # XLA lacks some half-precision ops on some platforms (e.g. a float16 dot with float32 accumulation on CPU)
     if dtype == 'float32':
         raise # a float32 step that does not compile is a bug: show all of it
-    # XLA lacks some half-precision ops on some platforms (e.g. a float16 dot with float32 accumulation on CPU)
     die(f"the training step does not compile with dtype={dtype} on {platform} ({type(e).__name__}: "
         f"{str(e).strip().splitlines()[0]}): use --dtype=float32 or {'float16' if dtype == 'bfloat16' else 'bfloat16'}")
 train_step, eval_step = compiled['train step'][0], compiled['eval step'][0]
 print(f"compile time: {time.time() - t_compile:.1f}s ("
       + ", ".join(f"{name} {seconds:.1f}s" for name, (_, seconds) in compiled.items()) + ", side by side)")
-parallel.check_memory([train_step, eval_step], plan.local_devices) # XLA's own estimate against the device's memory
+# XLA's own estimate against the device's memory; a refusal lists XLA's estimates for other settings
+parallel.check_memory([train_step, eval_step], plan.local_devices, lambda: training.other_settings(
+    gptconf, tx, devices, gradient_accumulation_steps, batch_size, dtype, seed, plan, num_params))
 
-# the train state, made on the first local device, then one copy per device (model.to(device)'s role)
+# the train state, made on the first local device, then one copy per device (model.to(device)'s role) or under fsdp its shards
 with jax.default_device(plan.local_devices[0]):
     if params is None:
         state = compiled['initial state'][0](jax.random.PRNGKey(seed))
     else:
-        state = training.init_train_state(params, tx, dtype, seed)
+        state = training.init_train_state(params if fsdp == 1 else parallel.put_state(params, plan), tx, dtype, seed)
     if ckpt_arrays is not None: # the optimizer's state_dict (a ckpt.pt's torch AdamW state converted)
         try:
             state = state._replace(opt_state=restore_optimizer(state.opt_state, ckpt_arrays, ckpt_path))
@@ -290,14 +294,14 @@ with jax.default_device(plan.local_devices[0]):
                 state = state._replace(loss_scale=unflatten_like(state.loss_scale, ckpt_arrays, 'loss_scale', ckpt_path))
         except CheckpointError as e:
             die(str(e))
-state = parallel.replicate(state, plan.local_devices)
+state = parallel.put_state(state, plan)
 params = ckpt_arrays = None # free up memory: the devices hold the state now
 
 # helps estimate an arbitrarily accurate loss over either split using many batches
 def estimate_loss():
     out = {}
     for split in ['train', 'val']:
-        x, y, valid = parallel.shard(eval_batch(split, iter_num), plan.local_devices)
+        x, y, valid = parallel.shard(eval_batch(split, iter_num), parallel.batch_sharding(plan))
         eval_progress.start(valid.shape[1], f"eval {split}")
         total = eval_step(state.params, x, y, valid) # summed over batches and devices (each batch row_split times)
         out[split] = float(parallel.first_shard(total).reshape(())) / (eval_iters * plan.row_split)
@@ -309,7 +313,9 @@ def get_lr(it):
     return training.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
 
 def save(iter_num, best_val_loss):
-    host = parallel.unreplicate(state, plan.local_devices)
+    host = parallel.get_state(state, plan) # under fsdp every process hands over its shards
+    if not master_process:
+        return
     arrays = {**params_to_arrays(host.params), **flatten(host.opt_state, 'optimizer'), **flatten(host.loss_scale, 'loss_scale')}
     meta = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'config': config, 'seed': seed, 'dtype': dtype}
@@ -332,7 +338,7 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # training loop
-prefetch = training.Prefetcher(train_batches, plan.local_devices, start=iter_num, after=call_end) # the first batches are on their way
+prefetch = training.Prefetcher(train_batches, parallel.batch_sharding(plan), start=iter_num, after=call_end) # the first batches are on their way
 t0 = time.time()
 local_iter_num = 0 # number of iterations in the lifetime of this process
 running_mfu = -1.0
@@ -349,17 +355,12 @@ while True:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                   f"val perplexity {training.perplexity(losses['val']):.2f}")
             if wandb_log:
-                wandb.log({
-                    "iter": iter_num,
-                    "train/loss": losses['train'],
-                    "val/loss": losses['val'],
-                    "val/perplexity": training.perplexity(losses['val']),
-                    "lr": get_lr(iter_num),
-                    "mfu": running_mfu*100, # convert to percentage
-                })
+                wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
+                           "val/perplexity": training.perplexity(losses['val']), "lr": get_lr(iter_num),
+                           "mfu": running_mfu*100}) # mfu as a percentage
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = losses['val']
-            if iter_num > 0 and master_process:
+            if iter_num > 0 and (master_process or fsdp > 1):
                 save(iter_num, best_val_loss)
     if iter_num == 0 and eval_only:
         if master_process:

@@ -16,6 +16,7 @@ Data are pure functions of (seed, iteration): batch_indices draws the window sta
 iteration's micro-batches, and every device (or process) reads its own share, so an iteration sees
 the same tokens on 1 device with 8 micro-steps, on 8 devices with 1 each, or after a resume.
 """
+import dataclasses
 import math
 import os
 import queue
@@ -178,14 +179,22 @@ def make_train_step(config, optimizer, axis_name=parallel.AXIS):
     metrics: 'loss' (the mean over every device's micro-batches, unscaled), 'finite' (whether the update was
     applied: False only on float16 overflow, a step skipped as GradScaler skips it) and 'loss_scale'.
     Micro-batch m of device d is the iteration's micro-batch d * micro_steps + m, which picks its dropout key.
-    axis_name=None gives the function for one device on its own (no collectives)."""
+    axis_name=None gives the function for one device on its own (no collectives), or for the whole mesh
+    (parallel.over_mesh), whose batch holds every device's micro-batches side by side: (micro_steps, R, B, T), R the devices."""
     forward = model.gpt_forward(config)
 
     def loss_fn(params, x_BT: Int[Array, "B T"], y_BT: Int[Array, "B T"], key, scaler):
         _, loss = forward.apply(params, key, x_BT, y_BT, is_training=True)
         return scaler.scale(loss), loss
 
+    def devices_loss_fn(params, x_RBT: Int[Array, "R B T"], y_RBT: Int[Array, "R B T"], keys_R, scaler):
+        # the mesh step's micro-batch: one per device side by side, each its own mean and dropout key, as DDP's
+        loss = jnp.mean(jax.vmap(lambda x_BT, y_BT, key: forward.apply(params, key, x_BT, y_BT, is_training=True)[1])(
+            x_RBT, y_RBT, keys_R))
+        return scaler.scale(loss), loss
+
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    devices_grad_fn = jax.value_and_grad(devices_loss_fn, has_aux=True)
 
     def train_step(state, batch, lr, iter_num):
         M = batch.x.shape[0]
@@ -195,6 +204,9 @@ def make_train_step(config, optimizer, axis_name=parallel.AXIS):
         first_micro = 0 if axis_name is None else lax.axis_index(axis_name) * M
 
         def micro_grads(x_BT, y_BT, m):  # micro-batch m of this device: (scaled loss, loss), gradients
+            if x_BT.ndim == 3:  # the mesh step: micro-batch m of every device, x_RBT
+                keys_R = jax.vmap(lambda r: jax.random.fold_in(step_key, r * M + m))(jnp.arange(x_BT.shape[0]))
+                return devices_grad_fn(state.params, x_BT, y_BT, keys_R, scaler)
             return grad_fn(state.params, x_BT, y_BT, jax.random.fold_in(step_key, first_micro + m), scaler)
 
         def micro_step(grads_sum, xs):
@@ -253,59 +265,108 @@ def make_train_calls(train_step, k):
 def make_eval_step(config, axis_name=parallel.AXIS, progress=None):
     """eval_step(params, x_KBT, y_KBT, valid_K) -> the sum over the valid batches of their mean loss,
     summed over the devices too (estimate_loss divides). No dropout: model.eval()'s role. progress: a
-    parallel.Progress that the first device tells how many of its batches are done."""
+    parallel.Progress that the first device tells how many of its batches are done. axis_name=None: for one
+    device, or for the whole mesh, whose arguments carry every device's batches: (R, K, B, T) and (R, K)."""
     forward = model.gpt_forward(config)
+    batch_loss = lambda params, x_BT, y_BT: forward.apply(params, None, x_BT, y_BT, is_training=False)[1]
 
-    def eval_step(params, x_KBT: Int[Array, "K B T"], y_KBT: Int[Array, "K B T"], valid_K: Bool[Array, "K"]):
+    def eval_step(params, x_KBT: Int[Array, "*R K B T"], y_KBT: Int[Array, "*R K B T"], valid_K: Bool[Array, "*R K"]):
         first_device = True if axis_name is None else lax.axis_index(axis_name) == 0
+        loss = batch_loss
+        if x_KBT.ndim == 4:  # the mesh's batches: K first, the devices' side by side, each batch its own mean
+            x_KBT, y_KBT, valid_K = (jnp.moveaxis(a, 0, 1) for a in (x_KBT, y_KBT, valid_K))
+            loss = jax.vmap(batch_loss, in_axes=(None, 0, 0))
 
         def one(carry, xs):
             total, report = carry
             k, x_BT, y_BT, valid = xs
-            _, loss = forward.apply(params, None, x_BT, y_BT, is_training=False)
+            batch_total = jnp.sum(jnp.where(valid, loss(params, x_BT, y_BT), 0.0))
             if progress is not None:
                 call = lambda: io_callback(progress, jax.ShapeDtypeStruct((), jnp.int32), k + 1)
                 report = lax.cond(first_device & (k + 1 >= report), call, lambda: report)
-            return (total + jnp.where(valid, loss, 0.0), report), None
+            return (total + batch_total, report), None
         (total, _), _ = lax.scan(one, (jnp.float32(0.0), jnp.int32(1)), (jnp.arange(len(valid_K)), x_KBT, y_KBT, valid_K))
         return total if axis_name is None else lax.psum(total, axis_name)
 
     return eval_step
 
 
-def parallel_train_step(config, optimizer, plan):
-    """The train step over the plan's devices (parallel.over_devices), plan.iters_per_call iterations per
-    call (make_train_calls), the state donated: compile it with (state, batches, lrs, iter0, n), one
-    device's shapes, batches (iters_per_call, micro_steps, rows, T)."""
+# XLA:CPU's default scheduler runs a remat'd block's recomputation as early as it can, keeping alive what remat
+# would free; the memory-optimized one runs it where the backward needs it
+CPU_REMAT_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+
+
+def train_state_shapes(config, optimizer, dtype, seed):
+    """The TrainState's shapes and dtypes, nothing allocated."""
+    return jax.eval_shape(lambda p: init_train_state(p, optimizer, dtype, seed), model.param_shapes(config))
+
+
+def parallel_train_step(config, optimizer, plan, state):
+    """The train step over the plan's devices (parallel.over_devices; under fsdp parallel.over_mesh),
+    plan.iters_per_call iterations per call (make_train_calls), the state donated: compile it with (state,
+    batches, lrs, iter0, n), one device's shapes, batches (iters_per_call, micro_steps, rows, T); state: its shapes."""
+    axes = (parallel.REPLICA, 0, None, None, None), (parallel.REPLICA, 0)
+    if plan.fsdp > 1:
+        calls = make_train_calls(make_train_step(config, optimizer, axis_name=None), plan.iters_per_call)
+        devices_inside = lambda batches: jax.tree.map(lambda a: jnp.moveaxis(a, 0, 2), batches)  # (k, M, R, B, T)
+        return parallel.over_mesh(lambda state, batches, *rest: calls(state, devices_inside(batches), *rest), plan,
+                                  *axes, state, donate_argnums=(0,))
     calls = make_train_calls(make_train_step(config, optimizer), plan.iters_per_call)
-    return parallel.over_devices(calls, plan.devices, (parallel.REPLICA, 0, None, None, None), (parallel.REPLICA, 0),
-                                 donate_argnums=(0,))
+    return parallel.over_devices(calls, plan.devices, *axes, donate_argnums=(0,))
 
 
-def parallel_eval_step(config, plan, progress=None):
+def parallel_eval_step(config, plan, params, progress=None):
     """The eval step over the plan's devices: compile it with (params, x, y, valid), one device's shapes."""
-    return parallel.over_devices(make_eval_step(config, progress=progress), plan.devices, (parallel.REPLICA, 0, 0, 0), 0)
+    axes = (parallel.REPLICA, 0, 0, 0), 0
+    if plan.fsdp > 1:
+        return parallel.over_mesh(make_eval_step(config, None, progress), plan, *axes, params)
+    return parallel.over_devices(make_eval_step(config, progress=progress), plan.devices, *axes)
 
 
 def compile_steps(config, optimizer, plan, dtype, seed, eval_batches=0, from_scratch=False, eval_progress=None):
     """train.py's compiled functions, ahead of time on shapes only (nothing allocated), side by side
     (parallel.compile_ahead): {'train step', 'eval step' for eval_batches batches of every split (none for 0;
-    eval_progress its parallel.Progress), 'initial state' from scratch on the first local device: (compiled, seconds)}."""
-    params = model.param_shapes(config)
-    state = jax.eval_shape(lambda p: init_train_state(p, optimizer, dtype, seed), params)
+    eval_progress its parallel.Progress), 'initial state' from scratch, on the first local device or under
+    fsdp in its shards: (compiled, seconds)}."""
+    state = train_state_shapes(config, optimizer, dtype, seed)
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)
     tokens = ints(plan.iters_per_call, plan.micro_steps, plan.rows, config.block_size)
     lrs = jax.ShapeDtypeStruct((plan.iters_per_call,), np.float32)
-    jobs = {'train step': (parallel_train_step(config, optimizer, plan), (state, Batch(tokens, tokens), lrs, ints(), ints()))}
+    jobs = {'train step': (parallel_train_step(config, optimizer, plan, state), (state, Batch(tokens, tokens), lrs, ints(), ints()))}
     if eval_batches:
         shape = (eval_batches * plan.row_split // len(plan.devices), plan.rows, config.block_size)
         valid = jax.ShapeDtypeStruct(shape[:1], np.bool_)
-        jobs['eval step'] = (parallel_eval_step(config, plan, eval_progress), (state.params, ints(*shape), ints(*shape), valid))
+        jobs['eval step'] = (parallel_eval_step(config, plan, state.params, eval_progress),
+                             (state.params, ints(*shape), ints(*shape), valid))
     if from_scratch:  # nanoGPT's initialisation and the optimizer's zeros, compiled alongside the steps
         initial_state = lambda key: init_train_state(model.init_params(config, key), optimizer, dtype, seed)
-        jobs['initial state'] = (jax.jit(initial_state, out_shardings=jax.sharding.SingleDeviceSharding(plan.local_devices[0])),
-                                 (jax.eval_shape(jax.random.PRNGKey, seed),))
-    return parallel.compile_ahead(jobs, plan.local_devices)
+        where = parallel.state_sharding(state, plan) if plan.fsdp > 1 else jax.sharding.SingleDeviceSharding(plan.local_devices[0])
+        jobs['initial state'] = (jax.jit(initial_state, out_shardings=where), (jax.eval_shape(jax.random.PRNGKey, seed),))
+    options = CPU_REMAT_OPTIONS if config.remat and plan.devices[0].platform == 'cpu' else None
+    return parallel.compile_ahead(jobs, plan.local_devices, options)
+
+
+def other_settings(config, optimizer, devices, accumulation, batch_size, dtype, seed, plan, num_params):
+    """For a memory check that refuses: (flags, [train step compiled on shapes], local devices) with every
+    device sharing the state (fsdp), with remat, both, and batch_size halved up to 3 times (accumulation
+    doubled: the same tokens per iteration). Settings the devices cannot take are left out."""
+    now = dict(fsdp=plan.fsdp, remat=config.remat, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+    settings = [dict(fsdp=len(devices)), dict(remat=True), dict(fsdp=len(devices), remat=True)]
+    settings += [dict(batch_size=batch_size >> i, gradient_accumulation_steps=accumulation << i)
+                 for i in range(1, 4) if batch_size >> i and (batch_size >> i) << i == batch_size]
+    seen = {()}
+    for s in settings:
+        s = {k: v for k, v in s.items() if v != now[k]}  # what changes, once each
+        if tuple(s.items()) in seen:
+            continue
+        seen.add(tuple(s.items()))
+        try:
+            p = parallel.plan_devices(devices, s.get('gradient_accumulation_steps', accumulation), s.get('batch_size', batch_size),
+                                      num_params, 0, plan.iters_per_call, s.get('fsdp', plan.fsdp))
+        except ValueError:
+            continue
+        c = dataclasses.replace(config, remat=s.get('remat', config.remat))
+        yield " ".join(f"--{k}={v}" for k, v in s.items()), [compile_steps(c, optimizer, p, dtype, seed)['train step'][0]], p.local_devices
 
 
 # -----------------------------------------------------------------------------
@@ -344,11 +405,12 @@ def get_batch(data, starts, block_size):
 
 class Prefetcher:
     """Makes batches on a background thread and puts them on the devices ahead of use (pin_memory and
-    non_blocking's role). make(i) returns the numpy pytree of iteration i, get(i) the same on the devices.
+    non_blocking's role). make(i) returns the numpy pytree of iteration i, get(i) the same on the devices
+    (`where`: parallel.shard's).
     Iterations are asked for in order from `start`, each followed by after(i) (i + 1 unless given)."""
 
-    def __init__(self, make, devices, start, depth=2, after=lambda i: i + 1):
-        self._make, self._devices, self._next, self._after = make, devices, start, after
+    def __init__(self, make, where, start, depth=2, after=lambda i: i + 1):
+        self._make, self._where, self._next, self._after = make, where, start, after
         self._queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(start,), daemon=True)
@@ -357,7 +419,7 @@ class Prefetcher:
     def _run(self, i):
         while not self._stop.is_set():
             try:
-                item = (i, parallel.shard(self._make(i), self._devices), None)
+                item = (i, parallel.shard(self._make(i), self._where), None)
             except BaseException as e:  # handed to the consumer, raised there
                 item = (i, None, e)
             while not self._stop.is_set():

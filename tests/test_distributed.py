@@ -22,7 +22,7 @@ from checkpoint import CKPT_NAME, load_checkpoint  # noqa: E402
 
 TRAIN = os.path.join(REPO, 'train.py')
 from tests.tinydata import tiny_text, write_char_dataset  # noqa: E402
-BUDGET_S = 175  # all launches of this file together
+BUDGET_S = 240  # all launches of this file together
 _start = []
 
 # every iteration runs 2 micro-batches: one per device with 2 devices, both on one device with 1;
@@ -270,3 +270,27 @@ def test_cluster_auto_detection_and_divergence_stop_every_process(data_dir, comp
         errors.append(lines[0])
     assert errors[0] == errors[1]
     assert not os.path.exists(os.path.join(out_dir, CKPT_NAME))
+
+
+def test_fsdp_over_two_processes_equals_one_process(data_dir, compile_cache, tmp_path):
+    """fsdp=4 over 2 processes x 2 devices (each parameter sharded across both processes) gives the losses
+    and final checkpoint of fsdp=4 over 1 process x 4 devices; the checkpoint's gather from both processes
+    is process 0's to write. 4 micro-batches per iteration: one per device."""
+    base = TINY + [f'--dataset={data_dir}', '--gradient_accumulation_steps=4', '--fsdp=4', '--max_iters=2']
+    coordinator = f'localhost:{free_port()}'
+    jobs = []
+    for i in range(2):
+        args, env = multi(coordinator, 2, i, flags=False)
+        jobs.append((base + args + [f'--out_dir={tmp_path / "out"}'], child_env(compile_cache, host_devices=2, **env)))
+    jobs.append((base + [f'--out_dir={tmp_path / "ref"}'], child_env(compile_cache, host_devices=4)))
+    first, second, ref = ok(launch(jobs, str(tmp_path), 'fsdp 2 processes and reference'), 'fsdp')
+    assert 'training on 4 cpu device(s) in 2 process(es)' in first and 'the state sharded over 4 (fsdp)' in first
+    assert 'training on 4 cpu device(s) in 1 process(es)' in ref
+    assert losses(second) == {} and sorted(losses(first)) == sorted(losses(ref)), first[-2000:]
+    for k in losses(ref):
+        np.testing.assert_allclose(losses(first)[k], losses(ref)[k], atol=2e-4, err_msg=k)
+    arrays, meta = load_checkpoint(str(tmp_path / 'out' / CKPT_NAME))
+    ref_arrays, ref_meta = load_checkpoint(str(tmp_path / 'ref' / CKPT_NAME))
+    assert meta['iter_num'] == ref_meta['iter_num'] == 2 and sorted(arrays) == sorted(ref_arrays)
+    for k in arrays:
+        np.testing.assert_allclose(arrays[k], ref_arrays[k], rtol=1e-4, atol=1e-5, err_msg=k)

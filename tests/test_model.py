@@ -452,17 +452,14 @@ def test_residual_gradient_is_exact_whatever_the_stream_holds():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(g.astype(dtype), np.float32))
 
 
-# XLA:CPU's default (concurrency-optimized) scheduler runs the recomputation early, as soon as its inputs
-# exist, so remat saves nothing there; the memory-optimized one keeps it next to the backward that needs it.
-# (This jaxlib ignores the older xla_cpu_enable_concurrency_optimized_scheduler=False in compiler_options.)
-MEMORY_SCHEDULER = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
-
-
 def compiled_loss_grad(config, params, idx_BT):
-    """The training loss's value_and_grad, compiled (with MEMORY_SCHEDULER on the CPU), and XLA's temp estimate."""
+    """The training loss's value_and_grad, compiled (on the CPU with the memory-optimized scheduler that
+    train.py's remat compiles with: the default one runs the recomputation early and saves nothing), and
+    XLA's temp estimate."""
+    from training import CPU_REMAT_OPTIONS
     fwd = gpt_forward(config)
     loss_grad = jax.value_and_grad(lambda p, idx, tgt: fwd.apply(p, None, idx, tgt, is_training=True)[1])
-    options = MEMORY_SCHEDULER if jax.default_backend() == 'cpu' else {}
+    options = CPU_REMAT_OPTIONS if jax.default_backend() == 'cpu' else {}
     compiled = jax.jit(loss_grad).lower(params, idx_BT, idx_BT).compile(compiler_options=options)
     return compiled, compiled.memory_analysis().temp_size_in_bytes
 
