@@ -5,7 +5,7 @@ Data parallel (every device a whole copy), fsdp (each device a share of the para
 AdamW moments) and fsdp with remat, over simulated devices:
 
 $ python bench_memory.py                     # 8 devices, batch_size 1 per device, block_size 1024, bfloat16
-$ python bench_memory.py --models=gpt2-xl --fsdp=4 --batch_size=2
+$ python bench_memory.py --models=gpt2-xl --micro_steps=4   # config/finetune_shakespeare.py on 8 devices
 
 The step is traced with the plain ops that a TPU runs (backends.py's CPU paths off); XLA:CPU compiles and
 estimates it, with the memory-optimized scheduler where remat is on, as train.py does on a CPU. A GPU
@@ -18,6 +18,7 @@ import time
 devices = 8 # simulated CPU devices, set before JAX starts
 models = 'gpt2,gpt2-medium,gpt2-large,gpt2-xl'
 batch_size = 1 # per device
+micro_steps = 1 # micro-batches per device per iteration (gradient_accumulation_steps / devices)
 block_size = 1024
 dtype = 'bfloat16'
 fsdp = 0 # the fsdp rows' shards; 0: all the devices
@@ -44,7 +45,8 @@ if devices % fsdp:
     die(f"fsdp={fsdp} must divide devices={devices}")
 training.set_precision(dtype)
 print(f"XLA's per-device estimate of the training step (arguments + temporaries, GiB) on {devices} devices, "
-      f"batch_size {batch_size} per device, block_size {block_size}, {dtype}, AdamW; * fits in {budget:g} GiB")
+      f"batch_size {batch_size} x {micro_steps} micro-step(s) per device, block_size {block_size}, {dtype}, AdamW; "
+      f"* fits in {budget:g} GiB")
 print(f"{'model':12} {'params':>8} {'dp':>10} {f'fsdp={fsdp}':>10} {f'fsdp={fsdp} remat':>16}")
 for name in names:
     n_layer, n_head, n_embd = SIZES[name]
@@ -53,8 +55,8 @@ for name in names:
     tx = training.configure_optimizers(model.param_shapes(shapes(False)), 0.1, 6e-4, (0.9, 0.95), 1.0)
     row = []
     for shards, remat in ((1, False), (fsdp, False), (fsdp, True)):
-        # one micro-batch per device, as on accelerators (train.py's plan would keep a big model on one CPU device)
-        plan = parallel.DevicePlan(jax.devices(), jax.devices(), 1, 1, batch_size, 1, shards)
+        # whole micro-batches on every device, as on accelerators (train.py's plan keeps a big model on one CPU device)
+        plan = parallel.DevicePlan(jax.devices(), jax.devices(), 1, micro_steps, batch_size, 1, shards)
         t0 = time.time()
         step = training.compile_steps(shapes(remat), tx, plan, dtype, 0)['train step'][0]
         gib = parallel.compiled_bytes(step) / 2**30

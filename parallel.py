@@ -404,10 +404,10 @@ def batch_sharding(plan):
 
 def over_mesh(fn, plan, in_axes, out_axes, state, donate_argnums=()):
     """fn once over the plan's mesh, GSPMD's way: arguments with axis REPLICA are the state (or its
-    parameters), laid out as state_sharding of `state`, their shapes; axis 0, batches split along their leading
-    device axis as over_devices takes them, which fn sees whole; None, the same value for all. Outputs (axes as
-    over_devices'): REPLICA laid out as the state, the rest replicated. XLA inserts the collectives: all-gathers of the parameters
-    where they are used, the gradients' reduction onto their shards."""
+    parameters), laid out as state_sharding of `state`, their shapes; axis 0, batches split along their
+    leading device axis as over_devices takes them, which fn sees whole; None, the same value for all.
+    Outputs (axes as over_devices'): REPLICA laid out as the state, the rest replicated. XLA inserts the
+    collectives: all-gathers of the parameters where they are used, the gradients' reduction onto their shards."""
     P, mesh = jax.sharding.PartitionSpec, mesh_of(plan)
     layout = {REPLICA: state_sharding(state, plan), 0: jax.sharding.NamedSharding(mesh, P((DATA, SHARDS))),
               None: jax.sharding.NamedSharding(mesh, P())}
@@ -424,9 +424,10 @@ def put_state(tree, plan):
         return replicate(tree, plan.local_devices)
 
     def place(a, sharding):
-        if isinstance(a, jax.Array) and a.sharding == sharding:
-            return a
-        return jax.make_array_from_callback(np.shape(a), sharding, lambda index: np.asarray(a[index]))
+        if isinstance(a, jax.Array) and (a.sharding == sharding or not a.is_fully_addressable):
+            return jax.device_put(a, sharding)  # laid out already, or in another layout of the mesh's
+        a = np.asarray(a)  # from the host, each device's slice
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
     return jax.tree.map(place, tree, state_sharding(tree, plan))
 
 
@@ -439,8 +440,10 @@ def get_state(tree, plan):
     from jax.experimental import multihost_utils
 
     def gather(a):
-        if a.is_fully_addressable or a.is_fully_replicated:
-            return np.asarray(a.addressable_data(0)) if a.is_fully_replicated else np.asarray(a)
+        if a.is_fully_addressable:
+            return np.asarray(a)
+        if a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
         return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return jax.tree.map(gather, tree)
 

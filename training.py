@@ -206,7 +206,10 @@ def make_train_step(config, optimizer, axis_name=parallel.AXIS):
         def micro_grads(x_BT, y_BT, m):  # micro-batch m of this device: (scaled loss, loss), gradients
             if x_BT.ndim == 3:  # the mesh step: micro-batch m of every device, x_RBT
                 keys_R = jax.vmap(lambda r: jax.random.fold_in(step_key, r * M + m))(jnp.arange(x_BT.shape[0]))
-                return devices_grad_fn(state.params, x_BT, y_BT, keys_R, scaler)
+                # the parameters tied to the micro-step (m >= 0 always holds): else XLA gathers them once, before the
+                # loop over the micro-batches, and keeps them whole on every device throughout
+                params = jax.tree.map(lambda p: jnp.where(m >= 0, p, 0.0), state.params)
+                return devices_grad_fn(params, x_BT, y_BT, keys_R, scaler)
             return grad_fn(state.params, x_BT, y_BT, jax.random.fold_in(step_key, first_micro + m), scaler)
 
         def micro_step(grads_sum, xs):

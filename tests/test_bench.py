@@ -65,3 +65,16 @@ def test_bench_bad_input_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert 'Traceback' not in r.stderr
+
+
+def test_bench_takes_fsdp_and_remat(tmp_path):
+    """--fsdp=2 --remat=True over 2 host devices: the state sharded, the step trained; the loss of its first
+    timed call equals the data-parallel run's (the same step, laid out differently)."""
+    runs = {}
+    for name, flags in (('dp', []), ('fsdp', ['--fsdp=2', '--remat=True'])):
+        r = bench(tmp_path, '--gradient_accumulation_steps=2', '--iters_per_call=1', '--num_steps=1', *flags)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        runs[name] = r.stdout
+    assert ', the state sharded over 2 (fsdp), remat' in runs['fsdp'] and 'fsdp' not in runs['dp']
+    first = {name: float(re.search(r'^jax 1 loss: ([\d.]+)', out, re.M)[1]) for name, out in runs.items()}
+    assert 0 < first['dp'] < 10 and first['fsdp'] == pytest.approx(first['dp'], abs=2e-4), first
