@@ -6,7 +6,7 @@ Shape glossary (suffixes on array names):
   B: batch size           T: sequence length (queries)    S: key/value length (cache slots)
   C: n_embd (channels)    H: n_head                       D: head size, C // H
   V: vocab size           F: MLP hidden size, 4 * C       N: prompt + new tokens (generate)
-  I, O: a Linear's in and out features
+  I, O: a Linear's in and out features   K: eval batches, R: devices side by side (training.py's mesh step)
 e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S), logits_BTV is (B, T, V). The public functions carry the
 same names as jaxtyping annotations, checked where the code is traced when a type checker is on (the tests).
 

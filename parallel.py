@@ -5,7 +5,8 @@ In the order a script needs them: what must be set before JAX starts its backend
 the CPU's cores as host devices, malloc); several processes as one run (jax.distributed, the role
 of torchrun and init_process_group); device and dtype selection; the device plan (which device
 computes which rows of an iteration); a step over the devices (jax.pmap, DDP's role) with the
-state and batches on them; and compiling ahead of time on shapes, with XLA's memory estimate.
+state and batches on them; the state sharded over a device mesh and one jit step over it (fsdp, FSDP's
+role); and compiling ahead of time on shapes, with XLA's memory estimate.
 Functions take what they need as arguments. die() is the scripts' one way to stop on bad input.
 """
 import concurrent.futures

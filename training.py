@@ -6,11 +6,13 @@ What train.py runs every iteration, importable on its own (bench.py times exactl
     state     = init_train_state(params, optimizer, 'bfloat16', seed)   # TrainState
     step      = make_train_step(config, optimizer)                # one iteration on one device
     calls     = make_train_calls(step, k)                         # k iterations per call (CPU, small models)
-    over      = parallel_train_step(config, optimizer, plan)      # both, over a parallel.DevicePlan's devices
+    shapes    = train_state_shapes(config, optimizer, 'bfloat16', seed)
+    over      = parallel_train_step(config, optimizer, plan, shapes)  # both, over a parallel.DevicePlan's devices
 
 One call of the step is one whole iteration on a device: forward and backward over the device's
 micro-batches (lax.scan, gradients summed in fp32), the gradient average across devices (lax.pmean,
-DDP's all-reduce), clipping, AdamW, and for float16 the dynamic loss scale.
+DDP's all-reduce), clipping, AdamW, and for float16 the dynamic loss scale. Under fsdp the same step is
+compiled once for the whole device mesh, every device's micro-batches side by side, the state sharded.
 
 Data are pure functions of (seed, iteration): batch_indices draws the window starts of all of an
 iteration's micro-batches, and every device (or process) reads its own share, so an iteration sees
