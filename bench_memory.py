@@ -44,23 +44,23 @@ fsdp = fsdp or devices
 if devices % fsdp:
     die(f"fsdp={fsdp} must divide devices={devices}")
 training.set_precision(dtype)
-print(f"XLA's per-device estimate of the training step (arguments + temporaries, GiB) on {devices} devices, "
+print(f"XLA's per-device estimate of the training step (parallel.compiled_bytes, GiB) on {devices} devices, "
       f"batch_size {batch_size} x {micro_steps} micro-step(s) per device, block_size {block_size}, {dtype}, AdamW; "
       f"* fits in {budget:g} GiB")
 print(f"{'model':12} {'params':>8} {'dp':>10} {f'fsdp={fsdp}':>10} {f'fsdp={fsdp} remat':>16}")
 for name in names:
     n_layer, n_head, n_embd = SIZES[name]
-    shapes = lambda remat: model.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+    config = lambda remat: model.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                            vocab_size=50304, bias=True, dropout=0.0, remat=remat)
-    tx = training.configure_optimizers(model.param_shapes(shapes(False)), 0.1, 6e-4, (0.9, 0.95), 1.0)
+    params = model.param_shapes(config(False))
+    tx = training.configure_optimizers(params, 0.1, 6e-4, (0.9, 0.95), 1.0)
     row = []
     for shards, remat in ((1, False), (fsdp, False), (fsdp, True)):
         # whole micro-batches on every device, as on accelerators (train.py's plan keeps a big model on one CPU device)
         plan = parallel.DevicePlan(jax.devices(), jax.devices(), 1, micro_steps, batch_size, 1, shards)
         t0 = time.time()
-        step = training.compile_steps(shapes(remat), tx, plan, dtype, 0)['train step'][0]
+        step = training.compile_steps(config(remat), tx, plan, dtype, 0)['train step'][0]
         gib = parallel.compiled_bytes(step) / 2**30
         row.append(f"{gib:.2f}{'*' if gib <= budget else ' '}")
         print(f"  {name} fsdp={shards} remat={remat}: {gib:.2f} GiB, compiled in {time.time() - t0:.0f}s", file=sys.stderr)
-    num_params = model.get_num_params(model.param_shapes(shapes(False)))
-    print(f"{name:12} {num_params / 1e6:7.0f}M {row[0]:>10} {row[1]:>10} {row[2]:>16}")
+    print(f"{name:12} {model.get_num_params(params) / 1e6:7.0f}M {row[0]:>10} {row[1]:>10} {row[2]:>16}")

@@ -609,7 +609,7 @@ def check_memory(compiled, local_devices, other_settings=None):
     print(f"memory: the compiled step needs ~{need / 2**30:.3f} GiB (XLA estimate) on {where}, which has "
           + (f"{have / 2**30:.2f} GiB" if have else "an unknown amount"))
     if have and need > have:
-        estimates = [(flags, process_bytes(c, devices)) for flags, c, devices in (other_settings or list)()]
+        estimates = [(flags, process_bytes(c, devices)) for flags, c, devices in (other_settings() if other_settings else [])]
         others = ", ".join(f"{flags} ~{b / 2**30:.2f} GiB" + (" (fits)" if b <= have else "") for flags, b in estimates if b)
         die(f"the compiled training step needs ~{need / 2**30:.2f} GiB but {where} has {have / 2**30:.2f} GiB"
             + (f"; XLA's estimates with {others}" if others else "")

@@ -185,14 +185,15 @@ def make_train_step(config, optimizer, axis_name=parallel.AXIS):
     (parallel.over_mesh), whose batch holds every device's micro-batches side by side: (micro_steps, R, B, T), R the devices."""
     forward = model.gpt_forward(config)
 
+    micro_loss = lambda params, x_BT, y_BT, key: forward.apply(params, key, x_BT, y_BT, is_training=True)[1]
+
     def loss_fn(params, x_BT: Int[Array, "B T"], y_BT: Int[Array, "B T"], key, scaler):
-        _, loss = forward.apply(params, key, x_BT, y_BT, is_training=True)
+        loss = micro_loss(params, x_BT, y_BT, key)
         return scaler.scale(loss), loss
 
     def devices_loss_fn(params, x_RBT: Int[Array, "R B T"], y_RBT: Int[Array, "R B T"], keys_R, scaler):
         # the mesh step's micro-batch: one per device side by side, each its own mean and dropout key, as DDP's
-        loss = jnp.mean(jax.vmap(lambda x_BT, y_BT, key: forward.apply(params, key, x_BT, y_BT, is_training=True)[1])(
-            x_RBT, y_RBT, keys_R))
+        loss = jnp.mean(jax.vmap(micro_loss, in_axes=(None, 0, 0, 0))(params, x_RBT, y_RBT, keys_R))
         return scaler.scale(loss), loss
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
