@@ -123,20 +123,20 @@ def test_fsdp_state_per_device_is_its_share():
         config = model.GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=500)
         tx = training.configure_optimizers(model.param_shapes(config), 0.1, 1e-3, (0.9, 0.95), 1.0)
         for fsdp in (4, 1):
-            plan = parallel.plan_devices(jax.devices(), 4, 2, 1e6, 1e9, 1, fsdp)
-            compiled = training.compile_steps(config, tx, plan, 'float32', 0, from_scratch=True)
-            state = parallel.put_state(compiled['initial state'][0](jax.random.PRNGKey(0)), plan)
+            mesh = parallel.make_mesh(jax.devices(), fsdp)
+            compiled = training.compile_steps(config, tx, mesh, 4, 2, 'float32', 0, from_scratch=True)
+            state = compiled['initial state'][0](jax.random.PRNGKey(0))
             leaves = jax.tree.leaves((state.params, state.opt_state))
-            whole = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves) / (1 if fsdp > 1 else len(jax.devices()))
+            whole = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
             small = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves
                         if math.prod(a.shape) < parallel.MIN_SHARDED or not any(d % 4 == 0 for d in a.shape))
             per_device = [sum(s.data.nbytes for a in leaves for s in a.addressable_shards if s.device == d)
                           for d in jax.devices()]
             print(fsdp, int(whole), int(small), *per_device)
         # with 4 micro-steps per device: XLA's temporaries, against 1 micro-step and the parameters' bytes
-        plan = parallel.plan_devices(jax.devices(), 4, 2, 1e6, 1e9, 1, 4)
-        temp = [training.compile_steps(config, tx, p, 'float32', 0)['train step'][0].memory_analysis().temp_size_in_bytes
-                for p in (plan, plan._replace(micro_steps=4))]
+        mesh = parallel.make_mesh(jax.devices(), 4)
+        temp = [training.compile_steps(config, tx, mesh, a, 2, 'float32', 0)['train step'][0].memory_analysis().temp_size_in_bytes
+                for a in (4, 16)]
         print('temp', *temp, sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(model.param_shapes(config))))
     ''')
     proc = subprocess.run([sys.executable, '-c', script, REPO], env=env_for(4), capture_output=True, text=True, timeout=120)
@@ -217,14 +217,14 @@ def test_memory_check_names_the_settings_that_would_fit():
         params = model.param_shapes(config)
         tx = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
         devices, num_params = jax.devices(), model.get_num_params(params)
-        plan = parallel.plan_devices(devices, 4, 1, num_params, 1e9, 1)
-        compiled = training.compile_steps(config, tx, plan, 'float32', 0, eval_batches=4)
+        mesh = parallel.make_mesh(devices, 1)
+        compiled = training.compile_steps(config, tx, mesh, 4, 1, 'float32', 0, eval_steps=1)
         steps = [compiled['train step'][0], compiled['eval step'][0]]
-        need = parallel.process_bytes(steps, plan.local_devices)
+        need = parallel.process_bytes(steps, mesh)
         print('need', need, flush=True)
         parallel.device_memory_bytes = lambda device: int(0.7 * need) // len(devices) * len(devices)
-        parallel.check_memory(steps, plan.local_devices, lambda: training.other_settings(
-            config, tx, devices, 4, 1, 'float32', 0, plan, num_params))
+        parallel.check_memory(steps, mesh, lambda: training.other_settings(
+            config, tx, devices, 4, 1, 'float32', 0, 1))
         print('not refused')
     ''')
     proc = subprocess.run([sys.executable, '-c', script, REPO], env=env_for(4), capture_output=True, text=True, timeout=240)

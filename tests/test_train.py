@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+import backends  # noqa: E402
 import model  # noqa: E402
 import training  # noqa: E402
 from checkpoint import CKPT_NAME, load_checkpoint, flatten  # noqa: E402
@@ -240,7 +241,7 @@ def test_accumulated_gradient_equals_big_batch_gradient():
     state = training.init_train_state(params, capture_grads(), 'float32', 0)
     M, B, T = 4, 2, config.block_size
     x, y = tokens((M, B, T), 1), tokens((M, B, T), 2)
-    step = jit(training.make_train_step(config, capture_grads(), axis_name=None))
+    step = jit(training.make_train_step(config, capture_grads()))
     new_state, metrics = step(state, training.Batch(x, y), np.float32(1.0), np.int32(0))
     accumulated = new_state.opt_state.inner_state
 
@@ -252,61 +253,6 @@ def test_accumulated_gradient_equals_big_batch_gradient():
     assert_trees_close(accumulated, big_grads, rtol=1e-4, atol=1e-7)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(big_grads)) > 1e-3  # not trivially zero
     assert bool(metrics['finite'])
-
-
-PARALLEL_SCRIPT = textwrap.dedent('''
-    import json, sys
-    import numpy as np, jax
-    sys.path.insert(0, sys.argv[1])
-    import model, parallel, training
-    assert jax.device_count() == 2, jax.devices()
-    config = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, dropout=0.1, bias=False)
-    params = jax.jit(lambda key: model.init_params(config, key))(jax.random.PRNGKey(0))
-    optimizer = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
-    G, B, T = 4, 2, config.block_size  # 4 micro-batches per iteration in all
-    rng = np.random.default_rng(0)
-    xs = [rng.integers(0, 65, (G, B, T)).astype(np.int32) for _ in range(3)]
-    ys = [rng.integers(0, 65, (G, B, T)).astype(np.int32) for _ in range(3)]
-    results = {}
-    for n in (1, 2):
-        devices = jax.devices()[:n]
-        step = parallel.over_devices(training.make_train_step(config, optimizer), devices, (parallel.REPLICA, 0, None, None),
-                                     (parallel.REPLICA, 0), donate_argnums=(0,)).fn
-        # replicate may hand the step these very buffers (one device), and the step donates them
-        state = parallel.replicate(training.init_train_state(jax.tree.map(np.array, params), optimizer, 'float32', 0), devices)
-        losses = []
-        for it in range(3):
-            # micro-batch g goes to device g // (G // n), and its global index g picks its dropout key
-            batch = training.Batch(xs[it].reshape(n, G // n, B, T), ys[it].reshape(n, G // n, B, T))
-            state, metrics = step(state, parallel.shard(batch, devices), np.float32(1e-3), np.int32(it))
-            losses.append(float(np.asarray(metrics['loss'])[0]))
-        host = parallel.unreplicate(state, devices)
-        if n == 2:  # both devices hold the same parameters after the all-reduce
-            for leaf in jax.tree.leaves(state.params):
-                a = np.asarray(leaf)
-                assert np.array_equal(a[0], a[1])
-        results[n] = {'losses': losses, 'params': {k: np.asarray(v).tolist() for k, v in
-                                                   zip(map(jax.tree_util.keystr, [p for p, _ in jax.tree_util.tree_flatten_with_path(host.params)[0]]),
-                                                       jax.tree.leaves(host.params))}}
-    print('RESULT ' + json.dumps(results))
-''')
-
-
-def test_data_parallel_over_two_devices_equals_one_device(tmp_path):
-    """Same 4 micro-batches per iteration (with dropout): 1 device x 4 micro-steps, or 2 devices x 2
-    micro-steps averaged with lax.pmean, give the same losses and parameters."""
-    script = tmp_path / 'parallel_check.py'
-    script.write_text(PARALLEL_SCRIPT)
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2 ' + FAST_COMPILE, JAX_PLATFORMS='cpu')
-    proc = subprocess.run([sys.executable, str(script), REPO], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    res = json.loads([l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1][len('RESULT '):])
-    one, two = res['1'], res['2']
-    np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-6)
-    assert len(set(one['losses'])) == 3  # three different iterations really ran
-    for name in one['params']:
-        np.testing.assert_allclose(np.array(two['params'][name]), np.array(one['params'][name]),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +315,7 @@ def test_bfloat16_step_keeps_fp32_master_state(precision):
     precision('bfloat16')
     config, optimizer, state, batch = one_step_setup('bfloat16')
     assert_computes_in('bfloat16', config, state.params, batch)
-    step = jit(training.make_train_step(config, optimizer, axis_name=None))
+    step = jit(training.make_train_step(config, optimizer))
     losses = []
     for it in range(2):
         state, metrics = step(state, batch, np.float32(1e-3), np.int32(it))
@@ -394,7 +340,7 @@ def test_float16_step_and_dynamic_loss_scale(precision):
     config, optimizer, state, batch = one_step_setup('float16', config)
     assert_computes_in('float16', config, state.params, batch)
     assert state.loss_scale.scale.dtype == np.float32 and float(state.loss_scale.scale) == 2.0 ** 16
-    step = jit(training.make_train_step(config, optimizer, axis_name=None))
+    step = jit(training.make_train_step(config, optimizer))
     lr, it = np.float32(1e-3), np.int32(0)
 
     # good steps: applied, scale kept, counted; master state stays float32
@@ -428,50 +374,11 @@ def test_float16_step_and_dynamic_loss_scale(precision):
 # -----------------------------------------------------------------------------
 # data: the batch of iteration i is a pure function of (seed, i); windows are next-token pairs
 
-def test_train_calls_run_each_iteration_as_the_step_does():
-    """make_train_calls: n iterations in one call (with dropout, its own batch, rate and iteration
-    number each) give what n calls of the step give; slots past n are not run."""
-    config, optimizer, state0, batch = one_step_setup('float32', tiny_config(dropout=0.1))
-    step = training.make_train_step(config, optimizer, axis_name=None)
-    k, n = 4, 3
-    x, y = tokens((k,) + batch.x.shape, 5), tokens((k,) + batch.y.shape, 6)
-    batches = training.Batch(x, y)
-    lrs = np.array([1e-3, 5e-4, 2e-4, 7.0], np.float32)  # the last slot's rate would blow up if it ran
-    state, losses = state0, []
-    one = jit(step)
-    for i in range(n):
-        state, m = one(state, jax.tree.map(lambda a: a[i], batches), lrs[i], np.int32(10 + i))
-        losses.append(float(m['loss']))
-    chunk_state, metrics = jit(training.make_train_calls(step, k))(state0, batches, lrs, np.int32(10), np.int32(n))
-    np.testing.assert_allclose(np.asarray(metrics['loss'])[:n], losses, rtol=1e-6)
-    assert len(set(losses)) == n  # three different iterations, not one repeated
-    assert float(metrics['loss'][n]) == 0.0 and adam_count(chunk_state.opt_state) == n
-    assert_trees_close(chunk_state.params, state.params, rtol=1e-5, atol=1e-7)
-    # k=1: the plain step, its metrics given a leading axis of one
-    _, single = jit(training.make_train_calls(step, 1))(state0, jax.tree.map(lambda a: a[:1], batches), lrs[:1], np.int32(10), np.int32(1))
-    assert single['loss'].shape == (1,) and float(single['loss'][0]) == pytest.approx(losses[0], rel=1e-6)
-
-
-def fake_devices(platform, n, processes=1):
-    """Stand-ins for n devices per process of a platform, as parallel.plan_devices reads them."""
-    return [types.SimpleNamespace(platform=platform, process_index=p, id=p * n + i) for p in range(processes) for i in range(n)]
-
-
-def test_iters_per_call_only_batches_small_models_on_cpu():
-    def iters(platform, flops, given=0):
-        return parallel.plan_devices(fake_devices(platform, 1), 1, 12, 1e6, flops, given).iters_per_call
-    assert iters('gpu', 1e6) == iters('tpu', 1e6) == 1
-    assert iters('cpu', 1e15) == 1  # GPT-2 sized steps: one per call
-    assert iters('cpu', parallel.CALL_FLOPS / 8) == 8
-    assert iters('cpu', 1.0) == parallel.MAX_ITERS_PER_CALL
-    assert iters('cpu', 1.0, given=3) == iters('gpu', 1.0, given=3) == 3  # --iters_per_call wins
-
-
 FREED_MEMORY_SCRIPT = textwrap.dedent('''
     import ctypes, resource, sys, threading
     sys.path.insert(0, sys.argv[1])
-    import parallel
-    applied = parallel.keep_freed_memory('cpu', 12, 768) if sys.argv[2] == '1' else False
+    import backends
+    applied = backends.setup_cpu('cpu', 12, 768, 2) if sys.argv[2] == '1' else False
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -493,11 +400,12 @@ FREED_MEMORY_SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's mallopt: Linux only")
-def test_keep_freed_memory_reuses_a_freed_block_without_page_faults():
+def test_setup_cpu_reuses_a_freed_block_without_page_faults(monkeypatch):
     """glibc by default maps a 256 MiB block afresh on every malloc (65,536 page faults of 4 KiB each
-    time); after parallel.keep_freed_memory a block malloc'd again on another thread reuses the freed one.
-    Models small enough for host devices are left alone: there the two devices' threads contend for one arena."""
-    assert not parallel.keep_freed_memory('cpu', n_layer=4, n_embd=128)  # the README config: not applied
+    time); after backends.setup_cpu for a big model a block malloc'd again on another thread reuses the
+    freed one. Small models (host devices) are left alone: their devices' threads would contend for one arena."""
+    monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '1')  # JAX has started here: leave its devices be
+    assert not backends.setup_cpu('cpu', n_layer=4, n_embd=128, rows=12)  # the README config: not applied
     for keep in ('0', '1'):
         out = subprocess.run([sys.executable, '-c', FREED_MEMORY_SCRIPT, REPO, keep], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -526,14 +434,14 @@ def test_batches_are_pure_functions_of_seed_and_iteration():
     many = training.batch_indices(0, 'train', 0, 50, T, (1000,))
     assert many.min() >= 0 and many.max() <= 50 - T - 1 and many.max() == 50 - T - 1
 
-    x, y = training.get_batch(data, a, T)
+    x, y = training.windows(data, a, T)
     assert x.shape == y.shape == (4, 3, T) and x.dtype == y.dtype == np.int32
     np.testing.assert_array_equal(x, a[..., None] + np.arange(T))        # x = data[s : s+T]
     np.testing.assert_array_equal(y, a[..., None] + np.arange(1, T + 1))  # y = data[s+1 : s+T+1]
     # through a memmap of a uint16 file, as train.py reads it
     mm_data = np.random.default_rng(0).integers(0, 50000, 1000).astype(np.uint16)
     starts = training.batch_indices(3, 'train', 2, 1000, T, (5,))
-    x, y = training.get_batch(mm_data, starts, T)
+    x, y = training.windows(mm_data, starts, T)
     for row, s in enumerate(starts):
         np.testing.assert_array_equal(x[row], mm_data[s:s + T])
         np.testing.assert_array_equal(y[row], mm_data[s + 1:s + 1 + T])
@@ -544,50 +452,41 @@ def test_compile_ahead_compiles_jobs_side_by_side_from_shapes():
     compiled function must compute what jax.jit does, under its own name, and a failing job must raise."""
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     double, matmul = jax.jit(lambda a: a * 2), jax.jit(lambda a, b: a @ b)
-    devices = jax.devices()[:1]
-    done = parallel.compile_ahead({'double': (double, (jax.ShapeDtypeStruct(x.shape, x.dtype),)),
-                                   'matmul': (matmul, (parallel.abstract(x), parallel.abstract(x.T)))}, devices)
+    shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    done = parallel.compile_ahead({'double': (double, (shape(x),)), 'matmul': (matmul, (shape(x), shape(x.T)))})
     (c_double, s_double), (c_matmul, s_matmul) = done['double'], done['matmul']
     np.testing.assert_array_equal(np.asarray(c_double(x)), x * 2)
     np.testing.assert_array_equal(np.asarray(c_matmul(x, x.T)), x @ x.T)
     assert s_double > 0 and s_matmul > 0
     with pytest.raises(TypeError):  # shapes that do not fit: the error reaches the caller
-        parallel.compile_ahead({'double': (double, (parallel.abstract(x),)),
-                                'matmul': (matmul, (parallel.abstract(x), parallel.abstract(x)))}, devices)
+        parallel.compile_ahead({'double': (double, (shape(x),)), 'matmul': (matmul, (shape(x), shape(x)))})
 
 
-def test_single_device_step_updates_the_donated_state_in_place():
-    """On a single device the step is not pmapped (parallel.over_devices): its compiled program writes the
-    new parameters and AdamW moments into the donated buffers. Under pmap over one device XLA copied
-    every one of them after the update (3 copies per parameter array)."""
-    config, devices = tiny_config(), jax.devices()[:1]
+def test_step_updates_the_donated_state_in_place():
+    """train.py's step on one device's mesh writes the new parameters and AdamW moments into the donated
+    buffers (pmap over one device copied every one of them after the update), and runs."""
+    config = tiny_config()
     params = model.init_params(config, jax.random.PRNGKey(0))
-    optimizer = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
-    state = training.init_train_state(params, optimizer, 'float32', 0)
-    step = parallel.over_devices(training.make_train_step(config, optimizer), devices, (parallel.REPLICA, 0, None, None),
-                                 (parallel.REPLICA, 0), donate_argnums=(0,))
-    batch = training.Batch(*[jax.ShapeDtypeStruct((1, 2, config.block_size), np.int32)] * 2)  # one device's shapes
-    scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
-    compiled, _ = parallel.compile_ahead({'step': (step, (parallel.abstract(state), batch, scalar(np.float32), scalar(np.int32)))},
-                                         devices)['step']
-    hlo = compiled.as_text()
-    entry = hlo[hlo.index('\nENTRY'):]
-    copies = re.findall(r'= (\S+) copy\(', entry)
-    n_arrays = len(jax.tree.leaves(params))
-    assert len(copies) < n_arrays, copies
-    # and it runs: the state in, the new state out, the loss with its device axis of 1
-    new_state, metrics = compiled(parallel.replicate(state, devices), parallel.shard(
-        training.Batch(tokens((1, 1, 2, config.block_size)), tokens((1, 1, 2, config.block_size), 1)), devices),
-        np.float32(1e-3), np.int32(0))
-    assert metrics['loss'].shape == (1,) and np.isfinite(np.asarray(metrics['loss'])).all()
+    tx = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
+    mesh = parallel.make_mesh(jax.devices()[:1], 1)
+    compiled = training.compile_steps(config, tx, mesh, 1, 2, 'float32', 0, from_scratch=True)
+    step = compiled['train step'][0]
+    hlo = step.as_text()
+    copies = re.findall(r'= (\S+) copy\(', hlo[hlo.index('\nENTRY'):])
+    assert len(copies) < len(jax.tree.leaves(params)), copies
+    state = compiled['initial state'][0](jax.random.PRNGKey(0))
+    batch = parallel.put_batch(training.Batch(tokens((1, 2, config.block_size)), tokens((1, 2, config.block_size), 1)), mesh)
+    new_state, metrics = step(state, batch, np.float32(1e-3), np.int32(0))
+    assert np.isfinite(float(parallel.local_value(metrics['loss'])))
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert state.params['transformer/wte']['weight'].is_deleted()  # donated
 
 
-def test_unreplicate_reads_the_first_device_copy():
-    devices = jax.devices()[:1]
+def test_put_state_and_get_state_round_trip():
+    mesh = parallel.make_mesh(jax.devices()[:1], 1)
     tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'n': np.int32(7)}
-    host = parallel.unreplicate(parallel.replicate(tree, devices), devices)
-    assert isinstance(host['w'], np.ndarray) and host['w'].shape == (2, 3)  # on the host, the leaf's own shape (two devices: PARALLEL_SCRIPT)
+    host = parallel.get_state(parallel.put_state(tree, parallel.state_sharding(tree, mesh)))
+    assert isinstance(host['w'], np.ndarray) and host['w'].shape == (2, 3)
     np.testing.assert_array_equal(host['w'], tree['w'])
     assert int(host['n']) == 7
 
@@ -600,7 +499,8 @@ def test_prefetcher_hands_out_iterations_in_order_and_raises_their_errors():
             raise ValueError('bad batch 5')
         return training.Batch(np.full((1, 2, 3), i, np.int32), np.full((1, 2, 3), -i, np.int32))
 
-    prefetch = training.Prefetcher(make, devices, start=3)
+    put = lambda batch: jax.device_put(batch, devices[0])
+    prefetch = training.Prefetcher(make, put, start=3)
     try:
         for i in (3, 4):
             batch = prefetch.get(i)
@@ -611,19 +511,10 @@ def test_prefetcher_hands_out_iterations_in_order_and_raises_their_errors():
             prefetch.get(5)
     finally:
         prefetch.close()
-    prefetch = training.Prefetcher(make, devices, start=0)
+    prefetch = training.Prefetcher(make, put, start=0)
     try:
         with pytest.raises(ValueError, match='expected 0'):
             prefetch.get(1)
-    finally:
-        prefetch.close()
-    # chunks of iterations: each start is followed by after(start)
-    prefetch = training.Prefetcher(make, devices, start=0, after=lambda i: i + 2)
-    try:
-        for i in (0, 2):
-            np.testing.assert_array_equal(np.asarray(prefetch.get(i).x), i)
-        with pytest.raises(ValueError, match='expected 4'):
-            prefetch.get(5)
     finally:
         prefetch.close()
 
@@ -782,17 +673,6 @@ def test_log_and_eval_lines_keep_nanogpts_order(uninterrupted):
     assert lines == expected
 
 
-def test_one_iteration_per_call_logs_the_same_losses(tmp_path, dataset, env, uninterrupted):
-    """--iters_per_call=1 (the GPU/TPU and big-model path): one step per call, the same losses and
-    eval losses as the chunked run, to the printed digits."""
-    _, log = uninterrupted
-    proc = train(dataset, str(tmp_path / 'out'), f'--max_iters={2 * N}', '--iters_per_call=1', env=env, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert 'iterations per call' not in proc.stdout
-    assert logged(proc.stdout) == logged(log)
-    assert len(logged(log)[0]) == 2 * N + 1
-
-
 def test_eval_only_reports_losses_and_perplexities_and_exits(tmp_path, dataset, env):
     proc = train(dataset, str(tmp_path / 'out'), '--eval_only=True', env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -803,13 +683,6 @@ def test_eval_only_reports_losses_and_perplexities_and_exits(tmp_path, dataset, 
     iters, evals = logged(proc.stdout)
     assert iters == {} and evals == {0: (m[1], m[3])}  # the eval, then nothing: no step, no checkpoint
     assert not os.path.exists(tmp_path / 'out' / CKPT_NAME)
-
-
-def test_negative_iters_per_call_is_one_line(tmp_path, dataset, env):
-    proc = train(dataset, str(tmp_path / 'out'), '--max_iters=2', '--iters_per_call=-1', env=env, cwd=str(tmp_path))
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(err) == 1 and 'iters_per_call=-1' in err[0], proc.stderr[-2000:]
-    assert 'compiling' not in proc.stdout
 
 
 def test_wandb_offline_logs_nanogpt_keys(uninterrupted):
@@ -888,46 +761,21 @@ def test_init_from_local_gpt2_directory_crops_and_overrides_dropout(tmp_path, da
     np.testing.assert_array_equal(arrays['model.transformer.h.0.ln_1.bias'], hf['transformer.h.0.ln_1.bias'])
 
 
-def test_device_plan_spreads_micro_batches_or_splits_rows():
-    """parallel.split_rows / plan_devices / split_batch against layouts written out by hand."""
-    split = parallel.split_rows  # (devices per process, processes, accumulation, batch_size, platform, params)
-    # DDP: whole micro-batches per device, whenever they divide over all devices
-    assert split(2, 1, 4, 12, 'cpu', 1e6) == (2, 1)
-    assert split(8, 1, 40, 12, 'gpu', 1e6) == (8, 1)
-    # a CPU's host devices split each micro-batch's rows when there are too few micro-batches
-    assert split(2, 1, 1, 12, 'cpu', 1e6) == (2, 2)  # the README CPU config
-    assert split(4, 1, 2, 12, 'cpu', 1e6) == (4, 2)  # 2 micro-batches over 4 devices
-    assert split(2, 2, 2, 4, 'cpu', 1e6) == (2, 2)   # 2 processes, one micro-batch each
-    # rows that do not divide: one host device
-    assert split(2, 1, 1, 5, 'cpu', 1e6) == (1, 1)
-    # a large model uses one host device per process: the all-reduce and per-device AdamW cost more
-    assert split(2, 1, 1, 12, 'cpu', parallel.HOST_DEVICES_MAX_PARAMS + 1) == (1, 1)
-    # GPUs never split rows: as with DDP, accumulation must divide over the devices
+def test_micro_batches_run_side_by_side_as_ddp_ranks():
+    """parallel.side_by_side and training.arrange against layouts written out by hand."""
+    mesh = lambda n: types.SimpleNamespace(size=n)
+    assert parallel.side_by_side(4, 12, mesh(2)) == (2, 2)  # DDP: 2 ranks, 2 micro-steps each
+    assert parallel.side_by_side(40, 12, mesh(8)) == (5, 8)  # nanoGPT's train_gpt2 on 8 GPUs
+    assert parallel.side_by_side(1, 12, mesh(2)) == (1, 1)  # README CPU config: its rows over 2 host devices
+    assert parallel.side_by_side(2, 12, mesh(4)) == (1, 2)  # 2 micro-batches' rows over 4 devices
     with pytest.raises(ValueError, match=r'gradient_accumulation_steps=3 must be divisible by the number of devices \(2\)'):
-        split(2, 1, 3, 4, 'gpu', 1e6)
-    with pytest.raises(ValueError, match=r'\(2\)'):  # 2 processes, one CPU device each
-        split(2, 2, 3, 5, 'cpu', 1e6)
-
-    # the plan: devices in pmap order, process by process, and how many micro-batches of how many rows each
-    devices = fake_devices('cpu', 2, processes=2)
-    plan = parallel.plan_devices(devices, 2, 4, 1e6, 1e12)
-    assert (plan.devices, plan.row_split, plan.micro_steps, plan.rows) == (devices, 2, 1, 2)
-    assert plan.local_devices == devices[:2]  # this process is process 0
-    plan = parallel.plan_devices(fake_devices('gpu', 8), 40, 12, 1e6, 1e12)
-    assert (len(plan.devices), plan.row_split, plan.micro_steps, plan.rows) == (8, 1, 5, 12)
-
-    a_GB = np.arange(2 * 4).reshape(2, 4)  # micro-batch g, row b holds 4g + b
-    layout = lambda n, row_split, local=None: parallel.DevicePlan(
-        fake_devices('cpu', n), fake_devices('cpu', n)[:local], row_split, None, 4 // row_split, 1)
-    # 2 devices, rows split in 2: micro-batch g's halves are parts 2g and 2g+1; device 0 takes parts 0-1
-    np.testing.assert_array_equal(parallel.split_batch(a_GB, layout(2, 2)), [[[0, 1], [2, 3]], [[4, 5], [6, 7]]])
-    # 2 devices: one micro-batch each, all rows
-    np.testing.assert_array_equal(parallel.split_batch(a_GB, layout(2, 1)), [[[0, 1, 2, 3]], [[4, 5, 6, 7]]])
-    # 4 devices x 2 parts
-    np.testing.assert_array_equal(parallel.split_batch(a_GB, layout(4, 2)), [[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]])
-    # a process takes only its own devices' share; trailing axes (tokens) ride along
-    np.testing.assert_array_equal(parallel.split_batch(a_GB, layout(4, 2, local=2)), [[[0, 1]], [[2, 3]]])
-    assert parallel.split_batch(np.zeros((2, 4, 9)), layout(2, 2)).shape == (2, 2, 2, 9)
+        parallel.side_by_side(3, 5, mesh(2))
+    a_GB = np.arange(4 * 2).reshape(4, 2)  # micro-batch g, row b holds 2g + b
+    # 2 ranks of 2 micro-steps: step m holds micro-batches m and 2 + m, as DDP's rank r takes r * 2 onwards
+    np.testing.assert_array_equal(training.arrange(a_GB, 2), [[0, 1, 4, 5], [2, 3, 6, 7]])
+    np.testing.assert_array_equal(training.arrange(a_GB, 1), a_GB)
+    np.testing.assert_array_equal(training.arrange(a_GB, 4), [[0, 1, 2, 3, 4, 5, 6, 7]])
+    assert training.arrange(np.zeros((4, 2, 9)), 2).shape == (2, 4, 9)  # tokens ride along
 
 
 def test_cpu_row_split_over_host_devices_equals_one_device(tmp_path, dataset, env):
@@ -941,7 +789,7 @@ def test_cpu_row_split_over_host_devices_equals_one_device(tmp_path, dataset, en
         proc = train(dataset, str(tmp_path / f'out{n}'), *flags, env=e, cwd=str(tmp_path))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[n] = proc.stdout
-    assert 'its rows split over 2 host devices' in runs[2] and 'rows split' not in runs[1]
+    assert 'training on 2 cpu device(s)' in runs[2] and 'training on 1 cpu device(s)' in runs[1]
     (iters1, evals1), (iters2, evals2) = logged(runs[1]), logged(runs[2])
     assert sorted(iters1) == sorted(iters2) == [0, 1, 2, 3] and sorted(evals1) == sorted(evals2) == [0, 3]
     np.testing.assert_allclose([float(iters2[i]) for i in iters1], [float(v) for v in iters1.values()], atol=2e-4)
