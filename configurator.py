@@ -1,24 +1,17 @@
 """
 Poor Man's Configurator, as in nanoGPT. Example usage:
 $ python train.py config/override_file.py --batch_size=32
-this first runs config/override_file.py, then overrides batch_size to 32.
+this will first run config/override_file.py, then override batch_size to 32
 
-It is not a module: train.py (and sample.py, bench.py) run it with
->>> exec(open('configurator.py').read())
-so the code below reads and overrides the calling script's globals() directly.
-
-Rules (nanoGPT's):
-- an argument without '=' is a config file: plain Python, exec'd into the same globals
-- --key=value overrides an existing global; value is parsed with ast.literal_eval, kept as a
-  string if that fails; its type must match the global's (an int is accepted for a float)
-
-Anything wrong (unknown key, wrong type, malformed argument, missing config file, a config file
-that raises) prints one line to stderr and exits with status 1 before anything else runs.
+train.py runs it with exec(open('configurator.py').read()), in its own globals: it is not a module.
+Settings are the script's plain-valued globals but UPPER_CASE constants. A config file may set only
+settings (and _helpers, imports); --key=value must keep the setting's type. Errors: one line.
 """
-
 import sys
 import builtins as _builtins
 from ast import literal_eval as _literal_eval
+from difflib import get_close_matches as _close_matches
+from traceback import extract_tb as _extract_tb
 
 
 def _config_error(msg):
@@ -26,16 +19,13 @@ def _config_error(msg):
     sys.exit(1)
 
 
-def _config_nearest(key, names):
-    from difflib import get_close_matches
-    close = get_close_matches(key, names, n=3, cutoff=0.6)
-    return f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+def _config_nearest(key, dashes='--'):
+    close = _close_matches(key, _config_names, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(dashes + c for c in close)}?)" if close else ""
 
 
-# the names a command line may set: the script's plain-valued globals, except UPPER_CASE
-# constants (e.g. an imported CKPT_NAME), which are not settings
-_config_names = [k for k, v in globals().items()
-                 if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str))]
+_config_names = [k for k, v in globals().items() if not k.startswith('_') and not k.isupper()
+                 and isinstance(v, (int, float, bool, str))]
 
 for _arg in sys.argv[1:]:
     if '=' not in _arg:
@@ -44,41 +34,33 @@ for _arg in sys.argv[1:]:
             _config_error(f"malformed argument {_arg!r}: use --key=value, or a config file path")
         try:
             with open(_arg) as _f:
-                _config_source = _f.read()
+                _source = _f.read()
         except OSError as _e:
             _config_error(f"cannot read config file {_arg}: {_e.strerror}")
         print(f"Overriding config with {_arg}:")
-        print(_config_source)
-        try:
-            # builtins.compile: the script's own `compile` global (nanoGPT's flag) shadows the builtin
-            exec(_builtins.compile(_config_source, _arg, 'exec'))
-        except SystemExit:
-            raise
-        except BaseException as _e:
-            # report where in the config file it failed, in one line
-            _tb = _e.__traceback__
-            _line = None
-            while _tb is not None:
-                if _tb.tb_frame.f_code.co_filename == _arg:
-                    _line = _tb.tb_lineno
-                _tb = _tb.tb_next
-            if isinstance(_e, SyntaxError):
-                _line = _e.lineno
-            _where = f"{_arg}, line {_line}" if _line else _arg
+        print(_source)
+        _before = dict(globals())
+        try:  # builtins.compile: the script's `compile` setting shadows the builtin
+            exec(_builtins.compile(_source, _arg, 'exec'))
+        except Exception as _e:  # one line, with the failing line of the config file
+            _lines = [f.lineno for f in _extract_tb(_e.__traceback__) if f.filename == _arg]
+            _where = f"{_arg}, line {_lines[-1]}" if _lines else _arg
             _config_error(f"config file {_where} failed: {type(_e).__name__}: {_e}")
+        # a new name that is not a _helper or an import: most likely a misspelled setting
+        for _key in [k for k, v in globals().items()
+                     if not (k in _before or k.startswith('_') or isinstance(v, type(sys)))]:
+            _config_error(f"config file {_arg}: {_key} is not a setting{_config_nearest(_key, '')}")
     else:
         # assume it's a --key=value argument
-        if not _arg.startswith('--') or _arg.startswith('---'):
+        _key, _, _val = _arg[2:].partition('=')
+        if not _arg.startswith('--') or not _key.isidentifier():
             _config_error(f"malformed argument {_arg!r}: use --key=value")
-        _key, _val = _arg[2:].split('=', 1)
-        if not _key.isidentifier():
-            _config_error(f"malformed argument {_arg!r}: {_key!r} is not a config name")
-        if _key not in globals() or _key.startswith('_') or _key not in _config_names:
-            _config_error(f"unknown config key: {_key}{_config_nearest(_key, _config_names)}")
+        if _key not in _config_names:
+            _config_error(f"unknown config key: {_key}{_config_nearest(_key)}")
         try:
             # attempt to eval it (e.g. if bool, number, or etc)
             _attempt = _literal_eval(_val)
-        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        except Exception:
             # if that goes wrong, just use the string
             _attempt = _val
         _old = globals()[_key]

@@ -1,8 +1,6 @@
-# GPT-2 (124M) on OpenWebText down to a loss of ~2.85, sized for one node of 8x A100 40GB
-# (python data/openwebtext/prepare.py first). One process drives all local GPUs:
+# GPT-2 (124M) on OpenWebText down to a loss of ~2.85 on one node of 8x A100 40GB
+# (python data/openwebtext/prepare.py first); one process drives all local GPUs, many hosts: README
 # $ python train.py config/train_gpt2.py
-# several hosts: the same command on each, with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-# JAX_PROCESS_ID set (see the README)
 
 wandb_log = True
 wandb_project = 'owt'

@@ -1,4 +1,4 @@
-# a miniature character-level Shakespeare model: the quick start
+# train a miniature character-level shakespeare model
 # (python data/shakespeare_char/prepare.py first)
 
 out_dir = 'out-shakespeare-char'

@@ -1,5 +1,7 @@
 """configurator.py: nanoGPT's command-line semantics, run the way train.py runs it (exec'd into a
-script's globals). The scripts here hold no jax, so every case is a fast subprocess."""
+script's globals). The scripts here hold no jax, so every case is a fast subprocess; every file in
+config/ is loaded in-process against train.py's own settings."""
+import ast
 import json
 import os
 import subprocess
@@ -8,6 +10,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGURATOR = os.path.join(REPO, 'configurator.py')
+CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, 'config')) if f.endswith('.py'))
 
 # a script shaped like train.py's top: plain globals, configurator exec'd, the result printed
 SCRIPT = '''
@@ -29,7 +33,7 @@ print('RESULT ' + json.dumps({{k: [type(v).__name__, v] for k, v in globals().it
 @pytest.fixture
 def script(tmp_path):
     path = tmp_path / 'script.py'
-    path.write_text(SCRIPT.format(configurator=os.path.join(REPO, 'configurator.py')))
+    path.write_text(SCRIPT.format(configurator=CONFIGURATOR))
     return str(path)
 
 
@@ -121,3 +125,57 @@ def test_malformed_arguments_are_one_line(script):
     one_line_error(configure(script, '--batch_size'), 'malformed argument')
     one_line_error(configure(script, '-batch_size=3'), 'malformed argument')
     one_line_error(configure(script, '--=3'), 'malformed argument')
+
+
+def test_misspelled_setting_in_config_file_is_one_line(script, tmp_path):
+    cfg = tmp_path / 'typo.py'
+    cfg.write_text("batch_size = 4\nlerning_rate = 1e-3\n")
+    proc = configure(script, str(cfg))
+    assert proc.returncode == 1
+    line = one_line_error(proc, str(cfg), 'lerning_rate', 'did you mean learning_rate?')
+    assert '--learning_rate' not in line  # a config file sets names, not --flags
+    with pytest.raises(SystemExit):  # and train.py's own settings catch it, as in the test below
+        load_config('train.py', str(cfg))
+
+
+def test_config_file_may_import_and_use_private_helpers(script, tmp_path):
+    cfg = tmp_path / 'helpers.py'
+    cfg.write_text("import time\nimport os.path\nfrom math import ceil as _ceil\n_base = 3\n"
+                   "batch_size = _ceil(_base * 1.5)\n"
+                   "out_dir = os.path.join('out', str(time.time() > 0))\n")
+    got = result(configure(script, str(cfg)))
+    assert got['batch_size'] == ('int', 5)
+    assert got['out_dir'] == ('str', os.path.join('out', 'True'))
+
+
+def settings(script):
+    """A script's settings: its module-level assignments between its first two '# ----' lines."""
+    path = os.path.join(REPO, script)
+    source = open(path).read()
+    marks = [i + 1 for i, line in enumerate(source.splitlines()) if line.startswith('# ----')][:2]
+    block = [node for node in ast.parse(source).body
+             if isinstance(node, ast.Assign) and marks[0] < node.lineno < marks[1]]
+    namespace = {'__file__': path}  # a config file may find config/ next to the script
+    exec(compile(ast.Module(block, type_ignores=[]), path, 'exec'), namespace)
+    return namespace
+
+
+def load_config(script, config):
+    """configurator.py on one config file, in-process, as script runs it; exits on an error."""
+    namespace = settings(script)
+    argv = sys.argv
+    sys.argv = [script, config]
+    try:
+        exec(open(CONFIGURATOR).read(), namespace)
+    finally:
+        sys.argv = argv
+    return namespace
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_every_config_file_loads(config, capsys):
+    try:
+        got = load_config('train.py', os.path.join(REPO, 'config', config))  # all train.py's
+    except SystemExit:
+        pytest.fail(capsys.readouterr().err)
+    assert got['learning_rate'] and got['out_dir']

@@ -1,10 +1,6 @@
 """
-Prepare OpenWebText (about 8M web documents) with GPT-2's BPE into train.bin / val.bin, uint16
-token ids, byte-compatible with nanoGPT's. Needs Hugging Face `datasets` (pip install datasets),
-which only this script uses, and about 54GB in its download cache.
-
-The tokenize-and-write part (process, write_split) does not touch the network, so tests run it
-on a handful of in-memory documents.
+OpenWebText (~8M documents) with GPT-2's BPE into train.bin / val.bin of uint16 ids, as nanoGPT's.
+Needs Hugging Face `datasets` (pip install datasets) and ~54GB of cache; write_documents does not.
 """
 import os
 import numpy as np
@@ -21,16 +17,14 @@ enc = tiktoken.get_encoding("gpt2")
 
 
 def process(example):
-    """One document -> its GPT-2 token ids followed by the end-of-text token (50256), and the count."""
+    """One document -> its token ids, then the end-of-text token (50256), and their count."""
     ids = enc.encode_ordinary(example['text'])  # special-token text in a document is just text
     ids.append(enc.eot_token)  # the separator between documents in the concatenated stream
     return {'ids': ids, 'len': len(ids)}
 
 
 def write_split(batches, arr_len, filename, total=None, desc=None):
-    """Concatenate the token ids of every document, in order, into one uint16 memmap at filename.
-    batches: iterable of 1-D integer arrays (each the ids of several documents, already joined);
-    arr_len: their total length, known up front so the file is sized once."""
+    """Write batches (1-D arrays of token ids, arr_len in all) in order into one uint16 memmap."""
     assert enc.max_token_value < 2**16, "uint16 cannot hold this vocabulary"
     arr = np.memmap(filename, dtype=np.uint16, mode='w+', shape=(arr_len,))
     idx = 0
@@ -47,12 +41,11 @@ def write_split(batches, arr_len, filename, total=None, desc=None):
 
 
 def write_documents(documents, filename, docs_per_batch=1024):
-    """Tokenize documents (an iterable of {'text': str}, e.g. a list held in memory) with
-    process() and write them in order, as main() does for a Hugging Face split. Returns the
-    number of tokens written. Handy for a small custom corpus, and what the tests run."""
+    """Tokenize documents ({'text': str} each, e.g. a small corpus in memory) and write them in
+    order, as main() does a Hugging Face split; returns the number of tokens written."""
     processed = [process(doc) for doc in documents]
     arr_len = sum(p['len'] for p in processed)
-    batches = (np.concatenate([p['ids'] for p in processed[i: i + docs_per_batch]]).astype(np.uint16)
+    batches = (np.concatenate([p['ids'] for p in processed[i:i + docs_per_batch]]).astype(np.uint16)
                for i in range(0, len(processed), docs_per_batch))
     return write_split(batches, arr_len, filename, total=-(-len(processed) // docs_per_batch))
 

@@ -1,7 +1,6 @@
 """
-Prepare the tiny Shakespeare dataset with GPT-2's BPE (tiktoken): train.bin and val.bin hold
-uint16 token ids, byte-compatible with nanoGPT's. No meta file: GPT-2 BPE is the default
-encoding wherever a dataset has none.
+Prepare the tiny Shakespeare dataset with GPT-2's BPE: train.bin and val.bin of uint16 token ids,
+as nanoGPT's. No meta file: GPT-2 BPE is the default wherever a dataset has none.
 """
 import os
 import requests
@@ -10,7 +9,7 @@ import numpy as np
 
 here = os.path.dirname(os.path.abspath(__file__))
 
-# download the tiny shakespeare dataset (skipped when input.txt is already here)
+# download the tiny shakespeare dataset
 input_file_path = os.path.join(here, 'input.txt')
 if not os.path.exists(input_file_path):
     data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
@@ -25,9 +24,9 @@ n = len(data)
 train_data = data[:int(n * 0.9)]
 val_data = data[int(n * 0.9):]
 
-# GPT-2 BPE; encode_ordinary because the corpus has no special tokens to honour
+# encode with tiktoken gpt2 bpe
 enc = tiktoken.get_encoding("gpt2")
-train_ids = np.array(enc.encode_ordinary(train_data), dtype=np.uint16)  # max id 50256 fits in 16 bits
+train_ids = np.array(enc.encode_ordinary(train_data), dtype=np.uint16)
 val_ids = np.array(enc.encode_ordinary(val_data), dtype=np.uint16)
 print(f"train has {len(train_ids):,} tokens")
 print(f"val has {len(val_ids):,} tokens")

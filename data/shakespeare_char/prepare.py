@@ -1,9 +1,7 @@
 """
-Prepare the tiny Shakespeare dataset for character-level language modeling: every character
-is its own token, no BPE. Writes train.bin and val.bin (uint16 token ids, as nanoGPT) and
-meta.json with the vocabulary (vocab_size, stoi, itos). The vocabulary is JSON rather than
-nanoGPT's meta.pkl so loading it can never execute code; sample.py still reads a nanoGPT
-meta.pkl if that is what it finds.
+Prepare the Shakespeare dataset for character-level language modeling: characters, not GPT-2 BPE
+tokens, mapped to ints. Saves train.bin, val.bin (uint16 ids) and meta.json, the vocabulary: JSON,
+not nanoGPT's meta.pkl, so that loading it runs no code (a nanoGPT meta.pkl is still read).
 """
 import os
 import json
@@ -12,7 +10,7 @@ import numpy as np
 
 here = os.path.dirname(os.path.abspath(__file__))
 
-# download the tiny shakespeare dataset (skipped when input.txt is already here)
+# download the tiny shakespeare dataset
 input_file_path = os.path.join(here, 'input.txt')
 if not os.path.exists(input_file_path):
     data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
@@ -34,27 +32,17 @@ print(f"vocab size: {vocab_size:,}")
 stoi = {ch: i for i, ch in enumerate(chars)}
 itos = {i: ch for i, ch in enumerate(chars)}
 
-def encode(s):
-    return [stoi[c] for c in s]  # string -> list of ints
-
-def decode(ids):
-    return ''.join(itos[i] for i in ids)  # list of ints -> string
-
 # first 90% of the text for training, the rest for validation
 n = len(data)
-train_data = data[:int(n * 0.9)]
-val_data = data[int(n * 0.9):]
-
-train_ids = np.array(encode(train_data), dtype=np.uint16)
-val_ids = np.array(encode(val_data), dtype=np.uint16)
+train_ids = np.array([stoi[c] for c in data[:int(n * 0.9)]], dtype=np.uint16)
+val_ids = np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16)
 print(f"train has {len(train_ids):,} tokens")
 print(f"val has {len(val_ids):,} tokens")
 
 train_ids.tofile(os.path.join(here, 'train.bin'))
 val_ids.tofile(os.path.join(here, 'val.bin'))
 
-# the vocabulary, for sample.py to encode prompts and decode samples (JSON keys are strings;
-# checkpoint.load_meta turns itos's back into ints)
+# the vocabulary, for sample.py (JSON keys are strings: load_meta turns itos's back into ints)
 meta = {'vocab_size': vocab_size, 'itos': itos, 'stoi': stoi}
 with open(os.path.join(here, 'meta.json'), 'w', encoding='utf-8') as f:
     json.dump(meta, f, ensure_ascii=False, indent=0)
