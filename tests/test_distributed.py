@@ -147,7 +147,7 @@ BAD_SETTINGS = [
 def test_bad_multi_process_settings_give_one_line(data_dir, compile_cache, tmp_path):
     """Each a one-line error before anything is compiled; all launched together. Then 2 processes
     started with different batch sizes: both refuse, naming the setting. Then 2 processes asked for
-    3 micro-batches per iteration: as with DDP, they must divide over the 2 ranks."""
+    3 micro-batches of 5 rows: they divide over the 2 devices neither whole (DDP's rule) nor by rows."""
     cases = [(args, env) for args, env, _ in BAD_SETTINGS]
     coordinator = f'localhost:{free_port()}'
     for i in range(2):
@@ -156,7 +156,7 @@ def test_bad_multi_process_settings_give_one_line(data_dir, compile_cache, tmp_p
     coordinator = f'localhost:{free_port()}'
     for i in range(2):
         args, env = multi(coordinator, 2, i, flags=False)
-        cases.append((args + ['--gradient_accumulation_steps=3'], env))
+        cases.append((args + ['--gradient_accumulation_steps=3', '--batch_size=5'], env))
     expected = ([e for _, _, e in BAD_SETTINGS] + ['started with different settings (batch_size)'] * 2
                 + ['gradient_accumulation_steps=3 must be divisible by the number of devices (2)'] * 2)
     jobs = [(TINY + [f'--dataset={data_dir}', f'--out_dir={tmp_path / f"out{i}"}'] + args, child_env(compile_cache, **env))
