@@ -19,6 +19,7 @@ import jax.numpy as jnp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
+import interop  # noqa: E402
 import model  # noqa: E402
 import training  # noqa: E402
 from checkpoint import CKPT_NAME, load_checkpoint  # noqa: E402
@@ -162,7 +163,7 @@ def train_batch(dataset, it):
     """The batch train.py draws at iteration it with TINY's flags (one micro-batch of 4 rows)."""
     n = training.count_tokens(dataset, 'train', 32)
     starts = training.batch_indices(SEED, 'train', it, n, 32, (1, 4))
-    x, y = training.get_batch(np.memmap(os.path.join(dataset, 'train.bin'), dtype=np.uint16, mode='r'), starts, 32)
+    x, y = training.windows(np.memmap(os.path.join(dataset, 'train.bin'), dtype=np.uint16, mode='r'), starts, 32)
     return x[0], y[0]
 
 
@@ -180,7 +181,7 @@ def random_params(config, seed):
 def write_hf(folder, arrays, meta):
     """What export.py writes for --format=hf."""
     from safetensors.numpy import save_file
-    config, tensors = checkpoint.to_hf(arrays, meta)
+    config, tensors = interop.to_hf(arrays, meta)
     os.makedirs(folder)
     with open(os.path.join(folder, 'config.json'), 'w') as f:
         json.dump(config, f)
