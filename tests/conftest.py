@@ -3,8 +3,14 @@ of test_model.py's passing tests are shown at the end of every run, so the maxim
 PASSED) are in CI's output without `-s`."""
 
 import os
+import tempfile
 
-import jaxtyping
+# one persistent XLA compilation cache for the whole run, set before JAX is imported: the many train.py
+# subprocesses that compile the same tiny model's steps compile them once
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='nanogpt-xla-cache-'))
+os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+
+import jaxtyping  # noqa: E402
 
 # shapes checked where the code is traced (jaxtyping's annotations, beartype's checks): installed before
 # any test imports these modules; train.py and sample.py run without it, the annotations then cost nothing

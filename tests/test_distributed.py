@@ -40,10 +40,10 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-    """One XLA compilation cache for the file: process 0 of the later 2-process launches runs the program
-    the first one compiled (JAX writes the cache from process 0 only), which keeps the file's time down."""
-    return str(tmp_path_factory.mktemp('xla_cache'))
+def compile_cache():
+    """conftest's XLA compilation cache: process 0 of the later 2-process launches runs the program the
+    first one compiled (JAX writes the cache from process 0 only), which keeps the file's time down."""
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
 
 
 def free_port():

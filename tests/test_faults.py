@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
+import interop  # noqa: E402
 from checkpoint import CKPT_NAME, CheckpointError, load_checkpoint  # noqa: E402
 
 from tests.tinydata import tiny_text, write_char_dataset  # noqa: E402
@@ -426,7 +428,7 @@ def test_malicious_nanogpt_ckpt_pt_executes_nothing(tmp_path, dataset, env, refe
                archive)
     genuine = tmp_path / 'genuine'
     genuine.mkdir()
-    torch.save(checkpoint.to_nanogpt(*load_checkpoint(ckpt_of(reference[0]))), genuine / 'ckpt.pt')
+    torch.save(interop.to_nanogpt(*load_checkpoint(ckpt_of(reference[0]))), genuine / 'ckpt.pt')
     cases = [(train_cmd(dataset, str(out), '--init_from=resume'), [pt, 'refusing', 'nothing in it was run']),
              (sample_cmd(f'--out_dir={out}'), [pt, 'refusing']),
              (export_cmd(f'--out_dir={out}', f"--export_dir={tmp_path / 'exported'}"), [pt, 'refusing']),
@@ -450,7 +452,7 @@ def test_bad_nanogpt_checkpoints_and_exports_are_one_clear_line(tmp_path, datase
     a checkpoint that is not there, an unknown format, and torch missing where a ckpt.pt is read or
     written: one clear line each, and nothing written."""
     import torch
-    nanogpt = checkpoint.to_nanogpt(*load_checkpoint(ckpt_of(reference[0])))
+    nanogpt = interop.to_nanogpt(*load_checkpoint(ckpt_of(reference[0])))
     no_args = str(tmp_path / 'no_model_args.pt')
     torch.save({'model': nanogpt['model'], 'iter_num': 3}, no_args)
     (tmp_path / 'wrong').mkdir()
@@ -703,3 +705,32 @@ def test_saving_holds_one_array_beyond_the_callers(tmp_path):
         for k, a in arrays.items():
             np.testing.assert_array_equal(f.get_tensor(k), a, err_msg=k)
     assert load_checkpoint(path)[1] == {'iter_num': 3}  # and its checksum holds
+
+
+def test_ctrl_c_inside_a_long_eval_exits_at_once(tmp_path, dataset, env, resumable):
+    """SIGINT 2 s into the first eval of a bigger model (5,000 batches a split, ~a minute here), next to
+    a checkpoint: Python's own handler would wait for the compiled call to return; the run must leave
+    within 3 s with the one interrupted line, status 130, the eval unfinished, the checkpoint as it was."""
+    before = open(ckpt_of(resumable), 'rb').read()
+    cmd = train_cmd(dataset, resumable, '--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64',
+                    '--batch_size=12', '--eval_iters=5000')
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in proc.stdout:  # the last line before the eval's compiled call
+            if line.startswith('memory:'):
+                break
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=120)
+        waited = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
+    assert waited < 3, f"exited {waited:.1f} s after the signal"
+    assert 'step 0' not in stdout and 'Traceback' not in stderr, stdout[-2000:] + stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.match(rf'error: interrupted at iter 0; the checkpoint in {re.escape(resumable)} '
+                    rf'\(iter {MAX_ITERS}\) is intact: continue with --init_from=resume$', last), last
+    assert open(ckpt_of(resumable), 'rb').read() == before

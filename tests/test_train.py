@@ -532,10 +532,7 @@ N = 4  # resume: 2N iterations in one go, or N then resume to 2N
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     e = dict(os.environ)
-    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-             XLA_FLAGS=FAST_COMPILE)
+    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE)  # conftest's XLA cache
     e.pop('WANDB_MODE', None)
     return e
 
