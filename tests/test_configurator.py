@@ -49,9 +49,11 @@ def result(proc):
 
 
 def one_line_error(proc, *needles):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
+    """README: a bad setting is one line and exit status 1 (not a crash's traceback and status)."""
+    assert proc.returncode == 1, f"exit status {proc.returncode}\n{proc.stdout}{proc.stderr}"
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert lines[0].startswith('config error: '), lines[0]
     assert 'RESULT' not in proc.stdout  # stopped before the script went on
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
@@ -178,4 +180,24 @@ def test_every_config_file_loads(config, capsys):
         got = load_config('train.py', os.path.join(REPO, 'config', config))  # all train.py's
     except SystemExit:
         pytest.fail(capsys.readouterr().err)
-    assert got['learning_rate'] and got['out_dir']
+    # every setting the file assigns a literal to has that value, of the type train.py gives it
+    path = os.path.join(REPO, 'config', config)
+    literals = {node.targets[0].id: literal(node.value) for node in ast.parse(open(path).read()).body
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and literal(node.value) is not NOT_LITERAL}
+    defaults = settings('train.py')
+    assert literals, config
+    for key, value in literals.items():
+        assert key in defaults, (config, key)
+        assert got[key] == value and type(got[key]) is type(defaults[key]), (config, key, got[key], value)
+
+
+NOT_LITERAL = object()
+
+
+def literal(node):
+    """The value of a Python literal (`1e-3`, `'gpt2'`, `-1`), else NOT_LITERAL (`5 * 8`, a call)."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return NOT_LITERAL

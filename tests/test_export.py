@@ -46,8 +46,6 @@ NO_TORCH = ("import os, runpy, sys; sys.modules['torch'] = None; sys.argv = sys.
 def env(tmp_path_factory):
     e = dict(os.environ)
     e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu', PYTHONIOENCODING='utf-8',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
              XLA_FLAGS='--xla_backend_optimization_level=0')
     return e
 

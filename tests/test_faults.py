@@ -87,9 +87,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     e = dict(os.environ)
-    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu')  # conftest's XLA compilation cache
     e.pop('XLA_FLAGS', None)
     return e
 

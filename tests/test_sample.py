@@ -91,23 +91,59 @@ def numpy_top_k(logits, k):
     return out
 
 
-def test_top_k_matches_nanogpt_rule():
-    logits = np.array([1.0, 3.0, 2.0, 3.0, -1.0, 2.0, 0.5, -7.0], np.float32)  # ties at the 2nd and 3rd values
-    for k in [1, 2, 3, 4, 5, 8, 100]:
-        got = np.asarray(crop_top_k(jnp.asarray(logits)[None], k))[0]
-        np.testing.assert_array_equal(got, numpy_top_k(logits, k))
-    np.testing.assert_array_equal(np.asarray(crop_top_k(jnp.asarray(logits)[None], None))[0], logits)
+N_DRAWS = 200_000
 
-    # sampling only ever draws kept tokens, in softmax(logits / temperature) proportions
-    temperature, k = 0.7, 3
-    kept = numpy_top_k(logits / temperature, k)
+
+def draw_frequencies(logits, temperature, top_k, top_p=1.0, n=N_DRAWS, seed=0):
+    """How often sample_next picks each token in n draws from the same logits, row k with its own key."""
+    logits_BV = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+    draws = np.asarray(sample_next(logits_BV, row_keys(seed, n), temperature, top_k, top_p))
+    return np.bincount(draws, minlength=len(logits)) / n
+
+
+def five_sigma(p, n=N_DRAWS):
+    """Per-token tolerance on the frequency of n independent draws from p: 5 binomial standard deviations
+    (a correct sampler misses it about once in 10^6 tokens; the seeds are fixed, so the outcome is too)."""
+    return 5 * np.sqrt(p * (1 - p) / n)
+
+
+def assert_draws_follow(freq, p, *wrong):
+    """freq draws only tokens p keeps, each within five_sigma of p; and each distribution in wrong (what a
+    sampler that ignores one setting draws from) is too far from p to pass: another support, or a
+    probability more than 4 tolerances off."""
+    tol = five_sigma(p)
+    for q in wrong:
+        assert (q > 0).tolist() != (p > 0).tolist() or (np.abs(q - p) > 4 * np.maximum(tol, five_sigma(q))).any(), \
+            "this case cannot tell the right distribution from a wrong one"
+    np.testing.assert_array_equal(freq > 0, p > 0, err_msg=f"draws {freq} vs probabilities {p}")
+    assert (np.abs(freq - p) <= tol).all(), f"draws {freq}\nwant    {p}\n|diff|  {np.abs(freq - p)}\ntol     {tol}"
+
+
+def nanogpt_probs(logits, temperature, top_k):
+    """nanoGPT's generate in numpy (float64): logits / temperature, its top-k cut, softmax."""
+    kept = logits.astype(np.float64) / temperature
+    kept = numpy_top_k(kept, top_k) if top_k is not None else kept
     p = np.exp(kept - kept.max())
-    p /= p.sum()
-    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
-    draws = np.asarray(jax.vmap(lambda key: sample_next(jnp.asarray(logits)[None], key[None], temperature, k)[0])(keys))
-    freq = np.bincount(draws, minlength=len(logits)) / len(draws)
-    assert set(np.flatnonzero(freq)) == set(np.flatnonzero(p))
-    np.testing.assert_allclose(freq, p, atol=0.03)
+    return p / p.sum()
+
+
+LOGITS = np.array([1.0, 3.0, 2.0, 3.0, -1.0, 2.0, 0.5, -7.0], np.float32)  # ties at the 2nd and 3rd values
+
+
+def test_top_k_matches_nanogpt_rule():
+    for k in [1, 2, 3, 4, 5, 8, 100]:
+        got = np.asarray(crop_top_k(jnp.asarray(LOGITS)[None], k))[0]
+        np.testing.assert_array_equal(got, numpy_top_k(LOGITS, k))
+    np.testing.assert_array_equal(np.asarray(crop_top_k(jnp.asarray(LOGITS)[None], None))[0], LOGITS)
+
+
+@pytest.mark.parametrize('temperature,top_k', [(0.7, 3), (2.0, 6)])
+def test_sampling_draws_in_nanogpts_proportions(temperature, top_k):
+    """sample_next draws only the tokens nanoGPT's top-k keeps, in softmax(logits / temperature) proportions;
+    ignoring the temperature or top_k puts the draws outside the tolerance."""
+    freq = draw_frequencies(LOGITS, temperature, top_k)
+    assert_draws_follow(freq, nanogpt_probs(LOGITS, temperature, top_k),
+                        nanogpt_probs(LOGITS, 1.0, top_k), nanogpt_probs(LOGITS, temperature, None))
 
 
 def test_a_sample_is_the_same_alone_or_in_a_batch():
@@ -142,6 +178,30 @@ def test_top_p_keeps_what_hf_top_p_warper_keeps():
     assert (np.argmax(greedy, axis=1) == np.argmax(logits, axis=1)).all()
     keys = jax.random.split(jax.random.PRNGKey(0), 6)
     np.testing.assert_array_equal(np.asarray(sample_next(jnp.asarray(logits), keys, 1.0, None, 1e-6)), np.argmax(logits, axis=1))
+
+
+def hf_warped_probs(logits, temperature, top_k, top_p):
+    """What transformers' sampling draws from: its temperature, top-k and top-p warpers in generate's order,
+    then softmax (float64)."""
+    torch = pytest.importorskip('torch')
+    transformers = pytest.importorskip('transformers')
+    scores = transformers.TemperatureLogitsWarper(temperature)(None, torch.tensor(logits)[None])
+    if top_k is not None:
+        scores = transformers.TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = transformers.TopPLogitsWarper(top_p)(None, scores)
+    return torch.softmax(scores.double(), dim=-1)[0].numpy()
+
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [(1.5, 5, 0.8), (1.5, 6, 0.9)])
+def test_sampling_draws_in_hf_warpers_proportions(temperature, top_k, top_p):
+    """Temperature, top-k and top-p together draw in the proportions transformers' warpers give the same
+    logits; a sampler ignoring any one of the three draws outside the tolerance."""
+    logits = np.array([2.5, 1.0, 0.0, 1.8, -0.5, 1.2, -2.0, 0.6], np.float32)
+    want = hf_warped_probs(logits, temperature, top_k, top_p)
+    wrong = [hf_warped_probs(logits, 1.0, top_k, top_p), hf_warped_probs(logits, temperature, None, top_p),
+             hf_warped_probs(logits, temperature, top_k, 1.0)]
+    assert_draws_follow(draw_frequencies(logits, temperature, top_k, top_p), want, *wrong)
 
 
 def test_stop_ends_each_row_and_the_loop_once_all_have_stopped():
@@ -298,7 +358,7 @@ def test_sample_script_bad_input(char_run, args, message):
     ckpt = os.path.join(char_run, 'out', checkpoint.CKPT_NAME)
     before = open(ckpt, 'rb').read()
     rc, out, err = run_sample('--out_dir=out', '--num_samples=1', '--max_new_tokens=5', *args, cwd=str(char_run))
-    assert rc != 0
+    assert rc == 1, f"exit status {rc}\n{err}"  # cli.die: bad input is status 1, not a crash
     assert 'Traceback' not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
@@ -308,7 +368,7 @@ def test_sample_script_bad_input(char_run, args, message):
 def test_sample_script_char_model_without_its_vocabulary(char_run):
     # run from a directory without data/tiny_char/: GPT-2 BPE would feed ids the model does not have
     rc, out, err = run_sample('--out_dir=.', '--max_new_tokens=5', cwd=os.path.join(char_run, 'out'))
-    assert rc != 0 and 'Traceback' not in err
+    assert rc == 1 and 'Traceback' not in err, f"exit status {rc}\n{err}"
     lines = err.strip().splitlines()
     assert len(lines) == 1 and 'too few for GPT-2 BPE' in lines[0] and 'tiny_char' in lines[0], err
 
