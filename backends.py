@@ -1,76 +1,76 @@
 """
-The backend-specific speed paths, behind one seam. model.py calls four functions here: matmul
-(a Linear's x @ w), lm_head (the tied x @ wte^T), causal_attention (the role of
-F.scaled_dot_product_attention(is_causal=True)) and residual (a point on the residual stream). Each
-computes exactly what its plain op computes; on a backend that runs the plain op slowly it takes the
-form that backend runs fast:
+Each backend's fast form of the four ops model.py calls here: matmul, lm_head, causal_attention
+and residual. Each computes exactly its plain op, in the form that runs fast where it runs slowly:
 
-- XLA:CPU, when on_cpu(): the two products with hand-placed weight gradients (custom VJPs), attention
-  a block of queries at a time with a hand-written backward, and the residual stream's gradient
-  written to memory once;
+- XLA:CPU (on_cpu()): the two products with hand-placed weight gradients, attention a block of
+  queries at a time with a hand-written backward, the residual stream's gradient written out once;
 - GPUs in half precision: cuDNN's fused (flash) attention.
 
-Elsewhere each is the plain op. Every path here gained at least 3% on a benchmark when it was
-measured against its plain op, side by side; BENCHMARKS.md has the table and the commands. Array
-suffixes follow model.py's shape glossary; N stands for any leading dims, M for all of them flattened.
+Each gained at least 3% on a benchmark against its plain op (BENCHMARKS.md). Suffixes follow
+model.py's shape glossary; N stands for any leading dims, M for all of them flattened.
 """
-import functools
+import ctypes
+import importlib.metadata
+import importlib.util
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 
 ATTENTION_BLOCK = 128  # query rows per block of the CPU's causal attention
+HOST_DEVICES_MAX_PARAMS = 30_000_000  # above this one CPU device is faster (each runs AdamW)
+
+
+def setup_cpu(device, n_layer, n_embd, rows):
+    """Before JAX starts: a small model on two host devices, one a core (if the iteration's rows
+    are even and the environment sets no count); a big model's freed buffers kept (returns if)."""
+    small = 12 * n_layer * n_embd ** 2 <= HOST_DEVICES_MAX_PARAMS
+    explicit = 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+    if not explicit and 'JAX_NUM_CPU_DEVICES' not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        two = small and rows % 2 == 0 and cores >= 2
+        jax.config.update('jax_num_cpu_devices', 2 if two else 1)
+    if small or device.partition(':')[0] != 'cpu' and (
+            any(True for _ in importlib.metadata.entry_points(group='jax_plugins'))
+            or any(importlib.util.find_spec(m) for m in ('jax_plugins', 'libtpu'))):
+        return False  # an accelerator may take the run
+    # glibc serves a block over 32 MB with a fresh mmap and unmaps it when freed, so every step
+    # would page-fault its big buffers in again: one arena, no mmap, no trimming
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
+    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+    return all(mallopt(k, v) == 1 for k, v in settings)
 
 
 def on_cpu():
-    """Whether the XLA:CPU paths apply: the model and the optimizer are traced for JAX's default backend,
-    which parallel.select_devices makes the CPU when a run asks for --device=cpu."""
+    """Whether the XLA:CPU paths apply: JAX's default backend, which parallel.select_devices makes
+    the CPU when a run asks for --device=cpu."""
     return jax.default_backend() == 'cpu'
 
 
-# -----------------------------------------------------------------------------
-# the Linear and lm_head products
+def _custom_grad(fn, grad):
+    """fn, differentiated by grad(*args, g) -> the args' gradients instead of by autodiff."""
+    fn_with_grad = jax.custom_vjp(fn)
+    fn_with_grad.defvjp(lambda *args: (fn(*args), args), lambda args, g: grad(*args, g))
+    return fn_with_grad
+
 
 def _rows(a_N):
     return a_N.reshape(-1, a_N.shape[-1])
 
 
-@jax.custom_vjp
-def _cpu_matmul(x_NI, w_IO):
-    return x_NI @ w_IO
-
-
-def _cpu_matmul_fwd(x_NI, w_IO):
-    return x_NI @ w_IO, (x_NI, w_IO)
-
-
-def _cpu_matmul_bwd(res, g_NO):
-    # the weight gradient x^T g from a copy of x^T made behind a barrier: left alone, XLA folds the transpose
-    # into the dot (a form XLA:CPU runs slower) or transposes g, the bigger operand, inside the fusion making it
-    x_NI, w_IO = res
-    return g_NO @ w_IO.T, jax.lax.optimization_barrier(_rows(x_NI).T) @ _rows(g_NO)
-
-
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
-
-
-@jax.custom_vjp
-def _cpu_lm_head(x_NC, w_VC):
-    return x_NC @ w_VC.T
-
-
-def _cpu_lm_head_fwd(x_NC, w_VC):
-    return x_NC @ w_VC.T, (x_NC, w_VC)
-
-
-def _cpu_lm_head_bwd(res, g_NV):
-    # wte's gradient g^T x straight in wte's (V, C) layout: autodiff transposed the big (M, V) logit gradient
-    x_NC, w_VC = res
-    return g_NV @ w_VC, _rows(g_NV).T @ _rows(x_NC)
-
-
-_cpu_lm_head.defvjp(_cpu_lm_head_fwd, _cpu_lm_head_bwd)
+# the weight gradient x^T g from a copy of x^T made behind a barrier: left alone, XLA folds the
+# transpose into the dot (a form XLA:CPU runs slower) or transposes g, the bigger operand, inside
+# the fusion making it
+_cpu_matmul = _custom_grad(lambda x_NI, w_IO: x_NI @ w_IO, lambda x_NI, w_IO, g_NO: (
+    g_NO @ w_IO.T, jax.lax.optimization_barrier(_rows(x_NI).T) @ _rows(g_NO)))
+# wte's gradient g^T x straight in its (V, C) layout: autodiff transposed the big (M, V) g
+_cpu_lm_head = _custom_grad(lambda x_NC, w_VC: x_NC @ w_VC.T, lambda x_NC, w_VC, g_NV: (
+    g_NV @ w_VC, _rows(g_NV).T @ _rows(x_NC)))
 
 
 def matmul(x_NI, w_IO):
@@ -83,32 +83,21 @@ def lm_head(x_NC, w_VC):
     return _cpu_lm_head(x_NC, w_VC) if on_cpu() else x_NC @ w_VC.T
 
 
-# -----------------------------------------------------------------------------
-# the residual stream
-
 def _written_out(y, like):
-    """y divided by an exact 1 built elementwise from `like` (1 whether like is NaN or not). XLA:CPU fuses a
-    chain of cheap elementwise ops into each of its consumers, recomputing it there, but not a divide: so y is
-    computed once and written to memory. A divide by a scalar 1 would be turned into a multiply and fused."""
+    """y divided by an exact 1 made elementwise from `like` (1 whether like is NaN or not): XLA:CPU
+    fuses cheap elementwise ops into each consumer, recomputing them there, but not a divide, so y
+    is written to memory once. A divide by a scalar 1 would become a multiply and be fused."""
     return y / ((like == like).astype(y.dtype) + (like != like).astype(y.dtype))
 
 
-@jax.custom_vjp
-def _cpu_residual(x):
-    return x
-
-
-_cpu_residual.defvjp(lambda x: (x, x), lambda x, g: (_written_out(g, x),))
+_cpu_residual = _custom_grad(lambda x: x, lambda x, g: (_written_out(g, x),))
 
 
 def residual(x):
-    """x itself, a point on the residual stream. On the CPU its gradient, the backward's running sum over the
-    layers above, is written out once: XLA:CPU otherwise recomputed it inside every layer's LayerNorm backward."""
+    """x itself, a point on the residual stream. On the CPU its gradient, the backward's running sum
+    over the layers above, is written out once: XLA:CPU recomputed it in each LayerNorm backward."""
     return _cpu_residual(x) if on_cpu() else x
 
-
-# -----------------------------------------------------------------------------
-# causal attention
 
 def causal_attention(q_BTHD, k_BTHD, v_BTHD):
     """softmax(q k^T / sqrt(D), causal) v: on the CPU a block of queries at a time; on a GPU in half
@@ -117,59 +106,54 @@ def causal_attention(q_BTHD, k_BTHD, v_BTHD):
         return blocked_causal_attention(q_BTHD, k_BTHD, v_BTHD, ATTENTION_BLOCK)
     if q_BTHD.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == 'gpu':
         try:
-            return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True, implementation='cudnn')
+            return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True,
+                                                implementation='cudnn')
         except (ValueError, NotImplementedError, RuntimeError):  # no cuDNN, or shapes it refuses
             pass
-    if q_BTHD.dtype == jnp.float16:  # XLA has no float16 form of the fused call with fp32 scores: one block
+    if q_BTHD.dtype == jnp.float16:  # XLA's fused call has no float16 form with fp32 scores
         return blocked_causal_attention(q_BTHD, k_BTHD, v_BTHD, q_BTHD.shape[1])
     return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True)
 
 
 def blocked_causal_attention(q_BTHD, k_BTHD, v_BTHD, block):
-    """Causal attention `block` queries at a time: queries i..i+block-1 meet keys 0..i+block-1 only, since
-    every later key gets weight exp(-inf) = 0, so the masked upper blocks of the scores are never computed.
-    Scores and softmax in fp32, as model.py's attention."""
-    heads_first = lambda a_BTHD: a_BTHD.transpose(0, 2, 1, 3)
-    y_BHTD = _blocked_attention(heads_first(q_BTHD), heads_first(k_BTHD), heads_first(v_BTHD), block)
-    return heads_first(y_BHTD)
-
-
-def _blocks(T, block):
-    """(first query, number of keys) of each block of queries."""
-    return [(i, min(i + block, T)) for i in range(0, T, block)]
+    """Causal attention `block` queries at a time: queries i..i+block-1 meet keys 0..i+block-1 only
+    (every later key weighs exp(-inf) = 0), so the masked blocks are never computed. fp32 scores."""
+    heads_first = lambda a: a.transpose(0, 2, 1, 3)  # BTHD <-> BHTD
+    return heads_first(_blocked_attention(*map(heads_first, (q_BTHD, k_BTHD, v_BTHD)), block))
 
 
 def _blocked_attention_fwd(q_BHTD, k_BHTD, v_BHTD, block):
-    y, probs = [], []
-    scale = 1.0 / math.sqrt(q_BHTD.shape[-1])
-    for i, S in _blocks(q_BHTD.shape[2], block):
-        causal_tS = jnp.arange(S)[None, :] <= jnp.arange(i, S)[:, None]  # t: the block's queries
-        att_BHtS = jnp.einsum('bhtd,bhsd->bhts', q_BHTD[:, :, i:S], k_BHTD[:, :, :S]).astype(jnp.float32) * scale
-        att_BHtS = jax.nn.softmax(jnp.where(causal_tS, att_BHtS, -jnp.inf), axis=-1)
+    y, probs, T, scale = [], [], q_BHTD.shape[2], 1.0 / math.sqrt(q_BHTD.shape[-1])
+    for i in range(0, T, block):  # queries i..S-1 (t) meet keys 0..S-1
+        S = min(i + block, T)
+        causal_tS = jnp.arange(S)[None, :] <= jnp.arange(i, S)[:, None]
+        att_BHtS = jnp.einsum('bhtd,bhsd->bhts', q_BHTD[:, :, i:S], k_BHTD[:, :, :S])
+        att_BHtS = att_BHtS.astype(jnp.float32)
+        att_BHtS = jax.nn.softmax(jnp.where(causal_tS, att_BHtS * scale, -jnp.inf), axis=-1)
         probs.append(att_BHtS)
         y.append(jnp.einsum('bhts,bhsd->bhtd', att_BHtS.astype(v_BHTD.dtype), v_BHTD[:, :, :S]))
     return jnp.concatenate(y, axis=2), (q_BHTD, k_BHTD, v_BHTD, probs)
 
 
 def _blocked_attention_bwd(block, res, dy_BHTD):
-    """Softmax attention's gradient, block by block: with P the probabilities and dP = dy V^T,
-    dS = P * (dP - rowsum(dP * P)) / sqrt(D); dQ = dS K, dK = dS^T Q, dV = P^T dy. Autodiff's ran slower."""
+    """With P the probabilities and dP = dy V^T, block by block: dS = P * (dP - rowsum(dP * P)) /
+    sqrt(D); dQ = dS K, dK = dS^T Q, dV = P^T dy. Autodiff's ran slower."""
     q_BHTD, k_BHTD, v_BHTD, probs = res
-    scale = 1.0 / math.sqrt(q_BHTD.shape[-1])
     dq, dk_BHTD, dv_BHTD = [], jnp.zeros_like(k_BHTD), jnp.zeros_like(v_BHTD)
-    for (i, S), p_BHtS in zip(_blocks(q_BHTD.shape[2], block), probs):
+    T, scale = q_BHTD.shape[2], 1.0 / math.sqrt(q_BHTD.shape[-1])
+    for i, p_BHtS in zip(range(0, T, block), probs):
+        S = min(i + block, T)
         dy_BHtD = dy_BHTD[:, :, i:S]
-        dv_BHTD = dv_BHTD.at[:, :, :S].add(jnp.einsum('bhts,bhtd->bhsd', p_BHtS.astype(dy_BHtD.dtype), dy_BHtD))
+        dv_BHSD = jnp.einsum('bhts,bhtd->bhsd', p_BHtS.astype(dy_BHtD.dtype), dy_BHtD)
+        dv_BHTD = dv_BHTD.at[:, :, :S].add(dv_BHSD)
         dp_BHtS = jnp.einsum('bhtd,bhsd->bhts', dy_BHtD, v_BHTD[:, :, :S]).astype(jnp.float32)
-        ds_BHtS = (p_BHtS * (dp_BHtS - jnp.sum(dp_BHtS * p_BHtS, axis=-1, keepdims=True)) * scale).astype(q_BHTD.dtype)
+        ds_BHtS = p_BHtS * (dp_BHtS - jnp.sum(dp_BHtS * p_BHtS, -1, keepdims=True)) * scale
+        ds_BHtS = ds_BHtS.astype(q_BHTD.dtype)
         dq.append(jnp.einsum('bhts,bhsd->bhtd', ds_BHtS, k_BHTD[:, :, :S]))
-        dk_BHTD = dk_BHTD.at[:, :, :S].add(jnp.einsum('bhts,bhtd->bhsd', ds_BHtS, q_BHTD[:, :, i:S]))
+        dk_BHTD = dk_BHTD.at[:, :, :S].add(
+            jnp.einsum('bhts,bhtd->bhsd', ds_BHtS, q_BHTD[:, :, i:S]))
     return jnp.concatenate(dq, axis=2), dk_BHTD, dv_BHTD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked_attention(q_BHTD, k_BHTD, v_BHTD, block):
-    return _blocked_attention_fwd(q_BHTD, k_BHTD, v_BHTD, block)[0]
-
-
+_blocked_attention = jax.custom_vjp(lambda *args: _blocked_attention_fwd(*args)[0], (3,))
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
