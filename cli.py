@@ -11,7 +11,6 @@ from tqdm import tqdm
 
 _dying = threading.Lock()
 
-
 def die(msg):
     """Known bad input or state: one clear line on stderr, exit status 1, no traceback."""
     if _dying.acquire(blocking=False):  # one line, even when a background thread fails at once too
@@ -19,7 +18,6 @@ def die(msg):
     if jax.distributed.is_initialized():
         exit_alone(1)
     sys.exit(1)
-
 
 def exit_alone(code):
     """Leaves now, without exit handlers: jax.distributed's wait up to 5 minutes for every process.
@@ -29,7 +27,6 @@ def exit_alone(code):
     if jax.distributed.is_initialized() and jax.process_index() == 0:
         time.sleep(2)
     os._exit(code)
-
 
 def on_interrupt(describe):
     """Ctrl-C from here on, wherever it lands: `error: describe()` and exit status 130 within a
@@ -47,7 +44,6 @@ def on_interrupt(describe):
             print(f"error: {describe()}", file=sys.stderr)
         exit_alone(130)
     threading.Thread(target=watch, daemon=True).start()
-
 
 class Progress:
     """A tqdm bar fed by a host callback from inside a compiled loop: called with the steps done, it

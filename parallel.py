@@ -16,12 +16,9 @@ from cli import die, exit_alone
 DTYPES = ('float32', 'bfloat16', 'float16')
 PLATFORMS = {'cuda': 'gpu', 'gpu': 'gpu', 'rocm': 'gpu', 'cpu': 'cpu', 'tpu': 'tpu', 'mps': 'METAL'}
 
-
-def pin_platform(device):
-    """--device=cpu runs on the CPU even where JAX also has a GPU (call before JAX starts)."""
+def pin_platform(device):  # --device=cpu runs on the CPU even where JAX also has a GPU
     if device.partition(':')[0] == 'cpu':
         jax.config.update('jax_platforms', 'cpu')
-
 
 def start_processes(coordinator_address, num_processes, process_id, backend, config, may_differ=()):
     """Joins a multi-process run (torchrun's role; defaults from JAX_COORDINATOR_ADDRESS,
@@ -78,7 +75,6 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
         die(f"the processes were started with different settings ({', '.join(differ)}): "
             f"run the same command on every host")
 
-
 def select_devices(device):
     """Every process's devices of a platform ('cuda' falls back to JAX's default), or one ('cuda:1')."""
     name, _, index = device.partition(':')
@@ -99,15 +95,13 @@ def select_devices(device):
         devices = [devices[int(index)]]
     return devices
 
-
 def select_dtype(dtype, platform):
-    """'auto' is bfloat16 on GPU/TPU and float32 on the CPU (where float32 is the fast one)."""
+    """'auto' is bfloat16 on GPU/TPU and float32 on the CPU (where it is the fast one)."""
     if dtype == 'auto':
         return 'bfloat16' if platform in ('gpu', 'tpu') else 'float32'
     if dtype not in DTYPES:
         die(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     return dtype
-
 
 # dense bf16 peak FLOP/s by device kind (a substring of jax's device_kind), the unit of MFU
 PEAK_FLOPS = {
@@ -116,12 +110,9 @@ PEAK_FLOPS = {
     'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v4': 275e12,
 }
 
-
-def device_peak_flops(device):
-    """A device's peak FLOP/s, or None when unknown (a CPU: measure it)."""
+def device_peak_flops(device):  # None when unknown (a CPU: measure it)
     kind = device.device_kind.lower()
     return next((flops for name, flops in PEAK_FLOPS.items() if name.lower() in kind), None)
-
 
 # -----------------------------------------------------------------------------
 # one mesh: (devices / fsdp) data-parallel groups x fsdp devices sharing each array
@@ -129,9 +120,7 @@ def device_peak_flops(device):
 DATA, SHARDS = 'data', 'fsdp'
 MIN_SHARDED = 2 ** 14  # elements; smaller arrays (biases, LayerNorms, counters) stay whole
 
-
-def make_mesh(devices, fsdp):
-    """The run's mesh; fsdp=1 is data parallel (DDP's whole copies). ValueError for a bad fsdp."""
+def make_mesh(devices, fsdp):  # fsdp=1 is data parallel: DDP's whole copies
     if fsdp > 1 and len(devices) == 1:
         raise ValueError(f"fsdp={fsdp} shards the state over several devices but this run has one: "
                          f"use --fsdp=1")
@@ -140,21 +129,17 @@ def make_mesh(devices, fsdp):
                          f"e.g. --fsdp={len(devices)}")
     return Mesh(np.array(devices).reshape(-1, fsdp), (DATA, SHARDS))
 
-
 def side_by_side(accumulation, batch_size, mesh):
-    """(micro-steps, ranks): the iteration's micro-batches run `ranks` at a time, as DDP's ranks do,
-    their rows spread over every device. Where micro-batches are fewer than devices (a CPU's host
-    devices), each one's rows are split instead. ValueError when the rows do not divide."""
+    """(micro-steps, ranks): micro-batches run `ranks` at a time, as on DDP's ranks, their rows over
+    every device; with fewer micro-batches than devices (a CPU's cores) their rows are split."""
     ranks = math.gcd(accumulation, mesh.size)
     if ranks * batch_size % mesh.size:
         raise ValueError(f"gradient_accumulation_steps={accumulation} must be divisible by the number "
                          f"of devices ({mesh.size})")
     return accumulation // ranks, ranks
 
-
 def array_sharding(mesh, shape):
-    """An array's layout: split over SHARDS along its longest axis they divide (a parameter and its
-    moments alike), whole on every device when none does or it is small."""
+    """Split over SHARDS along the longest axis they divide (a parameter and its moments alike)."""
     n = mesh.shape[SHARDS]
     axes = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i]) if shape[i] % n == 0]
     spec = [None] * len(shape)
@@ -162,37 +147,26 @@ def array_sharding(mesh, shape):
         spec[axes[0]] = SHARDS
     return NamedSharding(mesh, P(*spec))
 
-
 def state_sharding(tree, mesh):
     return jax.tree.map(lambda a: array_sharding(mesh, np.shape(a)), tree)
 
-
-def row_sharding(mesh):
-    """Batches (steps, rows, ...): the rows spread over every device of the mesh."""
+def row_sharding(mesh):  # batches (steps, rows, ...): the rows over every device
     return NamedSharding(mesh, P(None, (DATA, SHARDS)))
-
 
 def replicated(mesh):
     return NamedSharding(mesh, P())
 
-
-def local_rows(rows):
-    """This process's slice of a batch's rows: its devices are consecutive in the mesh."""
+def local_rows(rows):  # this process's rows: its devices are consecutive in the mesh
     n = rows // jax.process_count()
     return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
 
-
-def put_batch(tree, mesh):
-    """This process's rows (local_rows) of numpy batches -> global arrays on the mesh."""
+def put_batch(tree, mesh):  # this process's rows of numpy batches -> global arrays
     def put(a):
         shape = (a.shape[0], a.shape[1] * jax.process_count(), *a.shape[2:])
         return jax.make_array_from_process_local_data(row_sharding(mesh), a, shape)
     return jax.tree.map(put, tree)
 
-
-def put_state(tree, shardings):
-    """The state (or its parameters) laid out as shardings, from host or device arrays: from the
-    host each device gets only its slices."""
+def put_state(tree, shardings):  # from host arrays each device gets only its slices
     def place(a, sharding):
         if isinstance(a, jax.Array) and (a.sharding == sharding or not a.is_fully_addressable):
             return jax.device_put(a, sharding)
@@ -200,10 +174,9 @@ def put_state(tree, shardings):
         return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
     return jax.tree.map(place, tree, shardings)
 
-
 def get_state(tree):
-    """put_state's inverse: numpy arrays, gathered one at a time (the host holds one whole copy, no
-    device more than its share plus one array). Across processes every process must call it."""
+    """Numpy arrays gathered one at a time (no device holds more than its share plus one array);
+    across processes every process must call it."""
     from jax.experimental import multihost_utils
 
     def gather(a):
@@ -214,11 +187,8 @@ def get_state(tree):
         return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return jax.tree.map(gather, tree)
 
-
-def local_value(a):
-    """A replicated output (e.g. the loss) as numpy, in any process."""
+def local_value(a):  # a replicated output (the loss) as numpy, in any process
     return np.asarray(a.addressable_data(0))
-
 
 # -----------------------------------------------------------------------------
 # compiling ahead of time on shapes, and XLA's estimate of the memory it needs
@@ -234,9 +204,7 @@ def compile_ahead(jobs, compiler_options=None):
                    for name, (fn, args) in jobs.items()}
         return {name: future.result() for name, future in futures.items()}
 
-
-def compiled_bytes(compiled):
-    """XLA's estimate of the peak memory of one device running a compiled function, or None."""
+def compiled_bytes(compiled):  # XLA's estimate of one device's peak memory, or None
     try:
         m = compiled.memory_analysis()
     except Exception:
@@ -247,9 +215,7 @@ def compiled_bytes(compiled):
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
 
-
-def device_memory_bytes(device):
-    """One device's memory: its allocator's limit on GPU/TPU, the machine's RAM on the CPU."""
+def device_memory_bytes(device):  # its allocator's limit on GPU/TPU, the machine's RAM on a CPU
     try:
         stats = device.memory_stats()
     except Exception:
@@ -263,18 +229,14 @@ def device_memory_bytes(device):
             return None
     return None
 
-
 def process_bytes(compiled, mesh):
-    """The biggest estimate of the compiled functions on one of this process's devices; on a CPU,
-    whose host devices share the machine's RAM, on all of them. None if unknown."""
+    """The biggest estimate on one device; on a CPU, whose devices share the RAM, on all of them."""
     need = [compiled_bytes(c) for c in compiled]
     local = mesh.local_devices
     return None if None in need else max(need) * (len(local) if local[0].platform == 'cpu' else 1)
 
-
 def check_memory(compiled, mesh, other_settings=None):
-    """Prints XLA's estimate of what the compiled functions need and dies when the devices have less.
-    other_settings() then gives (flags, [compiled], mesh) of settings whose estimates the refusal lists."""
+    """Prints XLA's estimate and dies when the devices have less, listing other_settings()' estimates."""
     need = process_bytes(compiled, mesh)
     if need is None:
         return

@@ -20,7 +20,7 @@ import jax
 from model import GPTConfig, param_shapes, get_num_params, crop_block_size, from_pretrained, \
     estimate_mfu
 from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpoint, resume_path, \
-    flatten, unflatten_like, restore_optimizer, params_to_arrays, params_from_arrays, describe
+    params_from_arrays, state_arrays, restore_state, describe
 import backends
 import parallel
 from cli import die, on_interrupt, Progress
@@ -112,9 +112,7 @@ except ValueError as e:
 if master_process:
     try: # fail now, not at the first checkpoint hours from now
         os.makedirs(out_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
+        tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
         die(f"out_dir {out_dir!r} is not writable ({e.strerror}): choose another --out_dir")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -199,24 +197,21 @@ elif block_size > gptconf.block_size:
 gptconf.remat = remat # how the step computes, not the model: not in model_args
 num_params = get_num_params(param_shapes(gptconf))
 print(f"number of parameters: {num_params/1e6:.2f}M")
+sharded = f", the state sharded over {fsdp} (fsdp)" if fsdp > 1 else ""
+print(f"training on {len(devices)} {devices[0].platform} device(s) in {jax.process_count()} process(es), "
+      f"dtype {dtype}, {micro_steps} micro-step(s) of {ranks} x batch_size {batch_size}{sharded}")
+
 def get_batch(split, purpose, it, micro_batches):
-    """This process's rows of `micro_batches` batches of split at iteration it, `ranks` side by side."""
+    """This process's rows of micro_batches batches of split, `ranks` side by side."""
     starts = training.batch_indices(seed, purpose, it, num_tokens[split], block_size, (micro_batches, batch_size))
-    starts = training.arrange(starts, ranks)
-    starts = starts[:, parallel.local_rows(starts.shape[1])]
+    starts = training.arrange(starts, ranks)[:, parallel.local_rows(ranks * batch_size)]
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r') # anew: no leak
     x, y = training.windows(data, starts, block_size)
-    top = int(max(x.max(), y.max())) # past the vocabulary jnp's lookup gives NaN, read as divergence
+    top = max(x.max(), y.max()) # past the vocabulary jnp's lookup gives NaN, read as divergence
     if top >= gptconf.vocab_size:
-        die(f"{os.path.join(data_dir, f'{split}.bin')} holds token id {top} but the model's vocabulary has "
-            f"{gptconf.vocab_size} tokens: the data and its meta.json (or the checkpoint) come from different "
-            f"prepare.py runs; run python {os.path.join(data_dir, 'prepare.py')} again")
+        die(f"{data_dir}/{split}.bin holds token id {top} but the model has {gptconf.vocab_size} tokens: "
+            f"the data and meta.json (or the checkpoint) differ; run python {data_dir}/prepare.py again")
     return x, y
-
-if master_process:
-    sharded = f", the state sharded over {fsdp} (fsdp)" if fsdp > 1 else ""
-    print(f"training on {len(devices)} {devices[0].platform} device(s) in {jax.process_count()} process(es), "
-          f"dtype {dtype}, {micro_steps} micro-step(s) of {ranks} x batch_size {batch_size}{sharded}")
 
 # mixed precision: compute in dtype, master weights and optimizer state in fp32 (autocast's role)
 training.set_precision(dtype)
@@ -227,12 +222,11 @@ tx = training.configure_optimizers(param_shapes(gptconf), weight_decay, learning
 
 # compile ahead of time, on shapes only: nothing is allocated until XLA says it fits
 print("compiling the training step...")
-t_compile = time.time()
-eval_steps = -(-eval_iters // ranks) # eval_iters batches, `ranks` side by side; the padding is masked
+eval_batches = -(-eval_iters // ranks) * ranks # in whole steps of `ranks`; the padding is left out
 eval_progress = Progress('eval', disable=not master_process) # a bar when an eval runs long
 try:
     compiled = training.compile_steps(gptconf, tx, mesh, gradient_accumulation_steps, batch_size, dtype,
-                                      seed, eval_steps, params is None, eval_progress)
+                                      seed, eval_iters, params is None, eval_progress)
 except Exception as e: # XLA lacks some half-precision ops on some platforms (e.g. float16 dots on CPU)
     if dtype == 'float32':
         raise # a float32 step that does not compile is a bug: show all of it
@@ -240,8 +234,8 @@ except Exception as e: # XLA lacks some half-precision ops on some platforms (e.
         f"({type(e).__name__}: {str(e).strip().splitlines()[0]}): use --dtype=float32 or "
         f"{'float16' if dtype == 'bfloat16' else 'bfloat16'}")
 train_step, eval_step = compiled['train step'][0], compiled['eval step'][0]
-print(f"compile time: {time.time() - t_compile:.1f}s ("
-      + ", ".join(f"{name} {seconds:.1f}s" for name, (_, seconds) in compiled.items()) + ", side by side)")
+print("compile time: " + ", ".join(f"{name} {seconds:.1f}s" for name, (_, seconds) in compiled.items())
+      + ", side by side")
 # XLA's own estimate against the device's memory; a refusal lists XLA's estimates for other settings
 parallel.check_memory([train_step, eval_step], mesh, lambda: training.other_settings(
     gptconf, tx, devices, gradient_accumulation_steps, batch_size, dtype, seed, fsdp))
@@ -254,28 +248,20 @@ else:
     state = training.init_train_state(parallel.put_state(params, shardings.params), tx, dtype, seed)
     if ckpt_arrays is not None: # the optimizer's state_dict (a ckpt.pt's torch AdamW converted)
         try:
-            state = state._replace(opt_state=restore_optimizer(state.opt_state, ckpt_arrays, ckpt_path))
-            if state.loss_scale != () and any(k.startswith('loss_scale') for k in ckpt_arrays):
-                state = state._replace(loss_scale=unflatten_like(state.loss_scale, ckpt_arrays,
-                                                                 'loss_scale', ckpt_path))
+            state = restore_state(state, ckpt_arrays, ckpt_path)
         except CheckpointError as e:
             die(e)
     state = parallel.put_state(state, shardings)
 params = ckpt_arrays = None # free up memory: the devices hold the state now
 
-def get_eval_batch(split, it):
-    """eval_iters batches of split, `ranks` side by side, and which rows count."""
-    x, y = get_batch(split, 'val' if split == 'val' else 'eval_train', it, eval_steps * ranks)
-    batch_id = np.broadcast_to(np.arange(eval_steps * ranks)[:, None], (eval_steps * ranks, batch_size))
-    valid = training.arrange(batch_id, ranks)[:, parallel.local_rows(ranks * batch_size)] < eval_iters
-    return parallel.put_batch((x, y, valid), mesh)
-
 # helps estimate an arbitrarily accurate loss over either split using many batches
 def estimate_loss(params):
     out = {}
     for split in ['train', 'val']:
-        eval_progress.start(eval_steps, f"eval {split}")
-        out[split] = float(parallel.local_value(eval_step(params, *get_eval_batch(split, iter_num)))) / eval_iters
+        eval_progress.start(eval_batches // ranks, f"eval {split}")
+        x, y = get_batch(split, 'val' if split == 'val' else 'eval_train', iter_num, eval_batches)
+        out[split] = float(parallel.local_value(eval_step(params, *parallel.put_batch((x, y), mesh))))
+        out[split] /= eval_iters
         eval_progress.close()
     return out
 
@@ -284,11 +270,9 @@ def get_lr(it):
     return training.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
 
 def save(state, iter_num, best_val_loss):
-    host = parallel.get_state(state) # under fsdp every process hands over its shards
+    arrays = state_arrays(parallel.get_state(state)) # under fsdp every process hands over its shards
     if not master_process:
         return
-    arrays = {**params_to_arrays(host.params), **flatten(host.opt_state, 'optimizer'),
-              **flatten(host.loss_scale, 'loss_scale')}
     meta = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'config': config, 'seed': seed, 'dtype': dtype}
     print(f"saving checkpoint to {out_dir}")
@@ -353,9 +337,8 @@ while True:
         lossf = float(parallel.local_value(metrics['loss']))
         if not math.isfinite(lossf):
             stop_diverged(iter_num, f"loss is {lossf}")
-        if local_iter_num >= 5 and master_process: # let the training loop settle a bit
-            mfu = estimate_mfu(gptconf, num_params, gradient_accumulation_steps * batch_size / len(devices),
-                               dt, peak_flops)
+        if local_iter_num >= 5: # let the training loop settle a bit
+            mfu = estimate_mfu(gptconf, num_params, batch_size * micro_steps * ranks / len(devices), dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
         if master_process:
             print(f"iter {iter_num}: loss {lossf:.4f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")

@@ -1,17 +1,13 @@
 """One training iteration and what it needs: the learning rate, the optimizers, mixed precision, the
-train state, the train and eval steps compiled over the device mesh, and the batches.
-
-An iteration's micro-batches run `ranks` side by side (parallel.side_by_side), each with its own mean
-and dropout key as on DDP's ranks; data are pure functions of (seed, iteration), so an iteration sees
-the same tokens on any device layout, and after a resume.
-"""
+train state, the train and eval steps compiled over the device mesh, and the batches, which are pure
+functions of (seed, iteration): the same tokens on any device layout, and after a resume."""
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import math
 import os
 import pickle
-import queue
-import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,11 +18,10 @@ from jax.experimental import io_callback
 import haiku as hk
 import jmp
 import optax
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Int
 
 import model
 import parallel
-
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
     """nanoGPT's learning rate decay scheduler (cosine with warmup)."""
@@ -43,29 +38,23 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=Tru
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
     return min_lr + coeff * (learning_rate - min_lr)
 
-
 def perplexity(loss):
-    """exp(mean cross-entropy), inf where that overflows a float."""
     return math.exp(loss) if loss < 709.0 else math.inf
-
 
 # -----------------------------------------------------------------------------
 # the optimizer
 
 OPTIMIZERS = ('adamw', 'muon')  # configure_optimizers' kinds, train.py's `optimizer` setting
 
-
 def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0.0, kind='adamw',
                          muon_lr=0.02):
-    """nanoGPT's AdamW (torch's update, eps 1e-8), weight decay on the >= 2-D parameters, after
-    clip_grad_norm_ when grad_clip > 0; the learning rate injected (the step sets it, as nanoGPT
-    sets param_group['lr']). kind='muon': Muon for the blocks' 2-D weights (c_attn as q, k, v) at
-    muon_lr on the same schedule, AdamW for the rest, as modded-nanogpt splits them."""
+    """nanoGPT's AdamW after clip_grad_norm_, weight decay on >= 2-D parameters, the learning rate
+    injected; kind='muon': Muon at muon_lr for the blocks' 2-D weights (c_attn as q, k, v)."""
     leaves = jax.tree.leaves(params)
     decay = [p for p in leaves if p.ndim >= 2]
     nodecay = [p for p in leaves if p.ndim < 2]
-    print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.size for p in decay):,} parameters")
-    print(f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.size for p in nodecay):,} parameters")
+    for what, ps in (('decayed', decay), ('non-decayed', nodecay)):
+        print(f"num {what} parameter tensors: {len(ps)}, with {sum(p.size for p in ps):,} parameters")
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer={kind!r}: use one of {', '.join(map(repr, OPTIMIZERS))}")
     muon_scale = muon_lr / learning_rate if learning_rate else 0.0
@@ -83,17 +72,12 @@ def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0
         return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0.0 else tx
     return optax.inject_hyperparams(make)(learning_rate=learning_rate)
 
-
-def is_muon_weight(module, array):
-    """Muon's share: the 2-D weights inside the transformer blocks (h_0, h_1, ...)."""
+def is_muon_weight(module, array):  # the 2-D weights inside the transformer blocks
     return '/h_' in module and array.ndim == 2
 
-
 def _map_c_attn(fn, tree):
-    """fn applied to the c_attn weights of a {module: {name: array}} tree, the rest as it is."""
     is_c_attn = lambda path: path[0].key.endswith('/c_attn') and path[-1].key == 'weight'
     return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if is_c_attn(path) else x, tree)
-
 
 def split_qkv(inner):
     """inner sees every c_attn weight (C, 3C) as (C, 3, C): q, k and v, three matrices."""
@@ -105,19 +89,16 @@ def split_qkv(inner):
         return join(updates), state
     return optax.GradientTransformation(lambda params: inner.init(split(params)), update)
 
-
 def qkv_dimension_numbers(params):
     """Muon's (in, out) axes; c_attn's (C, 3, C) has a batch of three in the middle."""
     dims = lambda x: optax.contrib.MuonDimensionNumbers(0, 2 if x.ndim == 3 else 1)
     return jax.tree.map(dims, params)
 
-
 # -----------------------------------------------------------------------------
 # mixed precision
 
 def set_precision(dtype):
-    """model.GPT computes in dtype with fp32 master parameters (torch.autocast's role), a jmp policy
-    on the class for everything traced afterwards; LayerNorm keeps fp32 and casts its output."""
+    """model.GPT computes in dtype, its parameters fp32 (autocast's role); LayerNorm's stats fp32."""
     if dtype == 'float32':
         hk.mixed_precision.clear_policy(model.GPT)
         hk.mixed_precision.clear_policy(model.LayerNorm)
@@ -128,20 +109,15 @@ def set_precision(dtype):
     hk.mixed_precision.set_policy(model.LayerNorm, jmp.Policy(jnp.float32, jnp.float32, half))
     return policy
 
-
-class LossScale(NamedTuple):
-    """float16's dynamic loss scale as plain arrays (jmp's pytree does not survive lowering)."""
+class LossScale(NamedTuple):  # float16's dynamic loss scale (jmp's pytree does not survive lowering)
     scale: Any    # fp32
     counter: Any  # int32, good steps since the last change
-
 
 # torch.amp.GradScaler's defaults: start at 2**16, halve on overflow, double after 2000 good steps
 LOSS_SCALE_INIT, LOSS_SCALE_PERIOD, LOSS_SCALE_FACTOR = 2.0 ** 16, 2000, 2
 
-
 def init_loss_scale(dtype):
     return LossScale(np.float32(LOSS_SCALE_INIT), np.int32(0)) if dtype == 'float16' else ()
-
 
 # -----------------------------------------------------------------------------
 # the train state and the compiled steps
@@ -152,27 +128,20 @@ class TrainState(NamedTuple):
     loss_scale: Any  # LossScale for float16, () otherwise
     rng: Any         # from the seed; dropout keys fold in the iteration and the micro-batch
 
-
 class Batch(NamedTuple):
     x: Any  # (micro-steps, ranks * B, T) int32 inputs
     y: Any  # (micro-steps, ranks * B, T) int32 targets
 
-
 def init_train_state(params, tx, dtype, seed):
     return TrainState(params, tx.init(params), init_loss_scale(dtype), jax.random.PRNGKey(seed))
 
-
-def over_ranks(fn, ranks, *args):
-    """fn over the micro-batches side by side (leading axis `ranks`) stacked; a single one as it is."""
+def over_ranks(fn, ranks, *args):  # fn of each micro-batch side by side (leading axis ranks)
     return jax.vmap(fn)(*args) if ranks > 1 else fn(*(a[0] for a in args))[None]
 
-
 def make_train_step(gptconf, tx, ranks=1, sharded=False):
-    """train_step(state, batch, lr, iter_num) -> (state, metrics), one whole iteration: forward and
-    backward over the micro-batches (lax.scan, fp32 sums), the mean gradient, clipping, the
-    optimizer, for float16 the loss scale. Block r of micro-step m is micro-batch r * M + m.
-    metrics: 'loss' (the mean, unscaled), 'finite' (False: a float16 overflow, the step skipped as
-    GradScaler skips it) and 'loss_scale'. sharded: the parameters are split over devices (fsdp)."""
+    """train_step(state, batch, lr, iter_num) -> (state, metrics): forward and backward over every
+    micro-batch (lax.scan, fp32 sums), clipping, the update, float16's loss scale. metrics: 'loss',
+    'finite' (False: a float16 overflow, the step skipped as GradScaler does), 'loss_scale'."""
     forward = model.gpt_forward(gptconf)
 
     def loss_fn(params, x_RBT: Int[Array, "R B T"], y_RBT: Int[Array, "R B T"], keys_R, scaler):
@@ -220,68 +189,59 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
                                                         (state.params, opt_state))
             scaler = scaler.adjust(finite)
             loss_scale = LossScale(scaler.loss_scale, scaler.counter)
-        metrics = {'loss': loss, 'finite': finite, 'loss_scale': jnp.asarray(scaler.loss_scale, jnp.float32)}
+        scale = jnp.asarray(scaler.loss_scale, jnp.float32)
+        metrics = {'loss': loss, 'finite': finite, 'loss_scale': scale}
         return TrainState(new_params, new_opt_state, loss_scale, state.rng), metrics
 
     return train_step
 
-
-def make_eval_step(gptconf, ranks=1, progress=None):
-    """eval_step(params, x, y, valid) -> the sum of the valid batches' mean losses (estimate_loss
-    divides). x, y: (K, ranks * B, T), K steps of `ranks` batches; valid: per row. No dropout
-    (model.eval()'s role). progress: a cli.Progress told how many steps are done."""
+def make_eval_step(gptconf, ranks, n_batches, progress=None):
+    """eval_step(params, x, y) -> the sum of the first n_batches batches' mean losses (as arranged),
+    no dropout (model.eval()'s role); progress (a cli.Progress) is told the steps done."""
     forward = model.gpt_forward(gptconf)
 
-    def eval_step(params, x_KNT: Int[Array, "K N T"], y_KNT: Int[Array, "K N T"],
-                  valid_KN: Bool[Array, "K N"]):
+    def eval_step(params, x_KNT: Int[Array, "K N T"], y_KNT: Int[Array, "K N T"]):
         K, _, T = x_KNT.shape
 
         def one(carry, xs):
             total, report = carry
-            k, x_NT, y_NT, valid_N = xs
+            k, x_NT, y_NT = xs
             loss = lambda x_BT, y_BT: forward.apply(params, None, x_BT, y_BT)[1]
             loss_R = over_ranks(loss, ranks, *(a.reshape(ranks, -1, T) for a in (x_NT, y_NT)))
-            total += jnp.sum(jnp.where(valid_N.reshape(ranks, -1)[:, 0], loss_R, 0.0))
+            total += jnp.sum(jnp.where(jnp.arange(ranks) * K + k < n_batches, loss_R, 0.0))
             if progress is not None:
                 call = lambda: io_callback(progress, jax.ShapeDtypeStruct((), jnp.int32), k + 1)
                 report = lax.cond(k + 1 >= report, call, lambda: report)
             return (total, report), None
-        carry = (jnp.float32(0.0), jnp.int32(1))
-        return lax.scan(one, carry, (jnp.arange(K), x_KNT, y_KNT, valid_KN))[0][0]
-
+        return lax.scan(one, (jnp.float32(0.0), jnp.int32(1)), (jnp.arange(K), x_KNT, y_KNT))[0][0]
     return eval_step
 
-
-def train_state_shapes(gptconf, tx, dtype, seed):
-    """The TrainState's shapes and dtypes, nothing allocated."""
+def train_state_shapes(gptconf, tx, dtype, seed):  # nothing allocated
     return jax.eval_shape(lambda p: init_train_state(p, tx, dtype, seed), model.param_shapes(gptconf))
 
-
-# XLA:CPU's default scheduler runs a remat'd block's recomputation as early as it can, keeping alive
-# what remat would free; the memory-optimized one runs it where the backward needs it
+# XLA:CPU's default scheduler runs remat's recomputation early, keeping alive what remat frees
 CPU_REMAT_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 
-
-def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval_steps=0,
+def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval_iters=0,
                   from_scratch=False, progress=None):
-    """train.py's compiled functions over the mesh, ahead of time on shapes (nothing allocated), side by
-    side: {'train step', 'eval step' of eval_steps steps (none for 0; progress its cli.Progress),
-    'initial state' from scratch: (compiled, seconds)}. The state is donated and laid out as
-    parallel.state_sharding; batches are parallel.put_batch's."""
+    """{'train step', 'eval step' (if eval_iters), 'initial state' (if from_scratch): (compiled,
+    seconds)}, compiled over the mesh on shapes, side by side; the state is donated."""
     micro_steps, ranks = parallel.side_by_side(accumulation, batch_size, mesh)
     state = train_state_shapes(gptconf, tx, dtype, seed)
-    where, rows, same = parallel.state_sharding(state, mesh), parallel.row_sharding(mesh), parallel.replicated(mesh)
+    where, rows = parallel.state_sharding(state, mesh), parallel.row_sharding(mesh)
+    same = parallel.replicated(mesh)
     shape = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype)
     tokens = lambda steps: shape(np.int32, steps, ranks * batch_size, gptconf.block_size)
     step = make_train_step(gptconf, tx, ranks, sharded=mesh.shape[parallel.SHARDS] > 1)
-    step = jax.jit(step, in_shardings=(where, rows, same, same), out_shardings=(where, same), donate_argnums=0)
+    step = jax.jit(step, in_shardings=(where, rows, same, same), out_shardings=(where, same),
+                   donate_argnums=0)
     jobs = {'train step': (step, (state, Batch(tokens(micro_steps), tokens(micro_steps)),
                                   shape(np.float32), shape(np.int32)))}
-    if eval_steps:
-        evaluate = jax.jit(make_eval_step(gptconf, ranks, progress), in_shardings=(where.params, rows, rows, rows),
-                           out_shardings=same)
-        valid = shape(np.bool_, eval_steps, ranks * batch_size)
-        jobs['eval step'] = (evaluate, (state.params, tokens(eval_steps), tokens(eval_steps), valid))
+    if eval_iters:  # eval_iters batches in whole steps of ranks, the padding left out
+        evaluate = jax.jit(make_eval_step(gptconf, ranks, eval_iters, progress), out_shardings=same,
+                           in_shardings=(where.params, rows, rows))
+        steps = -(-eval_iters // ranks)
+        jobs['eval step'] = (evaluate, (state.params, tokens(steps), tokens(steps)))
     if from_scratch:  # nanoGPT's initialisation and the tx's zeros, made in their shards
         initial_state = lambda key: init_train_state(model.init_params(gptconf, key), tx, dtype, seed)
         jobs['initial state'] = (jax.jit(initial_state, out_shardings=where),
@@ -289,45 +249,39 @@ def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval
     cpu = mesh.devices.flat[0].platform == 'cpu'
     return parallel.compile_ahead(jobs, CPU_REMAT_OPTIONS if gptconf.remat and cpu else None)
 
-
 def other_settings(gptconf, tx, devices, accumulation, batch_size, dtype, seed, fsdp):
-    """For a memory check that refuses: (flags, [train step compiled on shapes], mesh) with every device
-    sharing the state (fsdp), remat, both, and batch_size halved up to 3 times (accumulation doubled:
-    the same tokens per iteration), each setting the devices can take."""
-    now = dict(fsdp=fsdp, remat=gptconf.remat, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+    """(flags, [train step], mesh) of the settings a refusing memory check lists: fsdp over every
+    device, remat, both, and batch_size halved up to 3 times (accumulation doubled)."""
+    now, seen = dict(fsdp=fsdp, remat=gptconf.remat), set()
     settings = [dict(fsdp=len(devices)), dict(remat=True), dict(fsdp=len(devices), remat=True)]
     settings += [dict(batch_size=batch_size >> i, gradient_accumulation_steps=accumulation << i)
-                 for i in range(1, 4) if batch_size >> i and (batch_size >> i) << i == batch_size]
-    seen = {()}
+                 for i in (1, 2, 3) if (batch_size >> i) << i == batch_size]
     for s in settings:
-        s = {k: v for k, v in s.items() if v != now[k]}  # what changes, once each
-        if tuple(s.items()) in seen:
+        s = {k: v for k, v in s.items() if now.get(k) != v}  # what changes, once each
+        if not s or str(s) in seen:
             continue
-        seen.add(tuple(s.items()))
-        n = {**now, **s}
+        seen.add(str(s))
+        n = dict(fsdp=fsdp, batch_size=batch_size, gradient_accumulation_steps=accumulation, **s)
         try:
             mesh = parallel.make_mesh(devices, n['fsdp'])
-            c = dataclasses.replace(gptconf, remat=n['remat'])
-            step = compile_steps(c, tx, mesh, n['gradient_accumulation_steps'], n['batch_size'],
-                                 dtype, seed)['train step'][0]
+            step = compile_steps(dataclasses.replace(gptconf, remat=s.get('remat', gptconf.remat)), tx,
+                                 mesh, n['gradient_accumulation_steps'], n['batch_size'], dtype, seed)
         except ValueError:
             continue
-        yield " ".join(f"--{k}={v}" for k, v in s.items()), [step], mesh
-
+        yield " ".join(f"--{k}={v}" for k, v in s.items()), [step['train step'][0]], mesh
 
 # -----------------------------------------------------------------------------
-# data: windows of a uint16 token file, drawn as a pure function of (seed, purpose, iteration)
+# data: windows of a uint16 token file, a pure function of (seed, purpose, iteration)
 
 PURPOSE = {'train': 0, 'val': 1, 'eval_train': 2}  # eval's train batches differ from the step's
 
-
 def count_tokens(data_dir, split, block_size):
-    """The tokens in data_dir/split.bin; ValueError, one line, when it is missing, torn or too short."""
+    """The tokens in data_dir/split.bin; ValueError when it is missing, torn or too short."""
     path, prepare = os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, 'prepare.py')
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: run python {prepare} first")
     n, odd = divmod(os.path.getsize(path), 2)
-    if odd:  # a torn copy or an interrupted prepare.py; np.memmap would refuse it with a traceback
+    if odd:  # a torn copy or an interrupted prepare.py
         raise ValueError(f"{path} has an odd number of bytes, so it is not whole uint16 tokens: "
                          f"run python {prepare} again")
     if n <= block_size:
@@ -335,39 +289,29 @@ def count_tokens(data_dir, split, block_size):
                          f"(needs at least {block_size + 1}): lower --block_size or prepare more data")
     return n
 
-
 def batch_indices(seed, purpose, it, num_tokens, block_size, shape):
-    """Window starts for iteration `it`, e.g. shape (micro-batches, batch_size): the same on any
-    machine, process or device layout, and after a resume."""
+    """Window starts for iteration `it`, e.g. shape (micro-batches, batch_size)."""
     rng = np.random.default_rng([seed, PURPOSE[purpose], it])
     return rng.integers(0, num_tokens - block_size, size=shape)
 
-
 def arrange(a_GB, ranks):
-    """(micro-batches G, B, ...) -> (G / ranks steps, ranks * B rows, ...): step m holds micro-batches
-    m, M + m, 2M + m, ..., as DDP's rank r takes micro-batches r * M onwards."""
+    """(G micro-batches, B, ...) -> (G / ranks steps, ranks * B, ...); rank r's are r * M onwards."""
     G, B = a_GB.shape[:2]
     a = a_GB.reshape(ranks, G // ranks, B, *a_GB.shape[2:]).swapaxes(0, 1)
     return a.reshape(G // ranks, ranks * B, *a_GB.shape[2:])
 
-
 def windows(data, starts, block_size):
-    """x, y int32 arrays of shape starts.shape + (block_size,); y is x shifted by one token."""
+    """x, y of shape starts.shape + (block_size,); y is x shifted by one token."""
     window = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
     return window[..., :-1], window[..., 1:]
 
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Plain data only: a pickle naming any class or function is refused, so it cannot run code."""
-
+class _PlainUnpickler(pickle.Unpickler):  # a pickle naming any class or function runs nothing
     def find_class(self, module, name):
         raise ValueError(f"refusing to load {module}.{name}: meta.pkl may only hold plain dicts, "
                          f"strings and ints")
 
-
 def load_meta(data_dir):
-    """The dataset's vocabulary {'vocab_size', 'stoi', 'itos'} from meta.json (ours) or nanoGPT's
-    meta.pkl; None when neither exists. ValueError, one line, for a bad file."""
+    """The vocabulary {'vocab_size', 'stoi', 'itos'} of meta.json (ours) or meta.pkl (nanoGPT's)."""
     path = next((os.path.join(data_dir, f) for f in ('meta.json', 'meta.pkl')
                  if os.path.exists(os.path.join(data_dir, f))), None)
     if path is None:
@@ -376,52 +320,30 @@ def load_meta(data_dir):
         with open(path, 'rb') as f:
             meta = json.load(f) if path.endswith('.json') else _PlainUnpickler(f).load()
     except Exception as e:  # the refusal above, or a torn or foreign file
-        why = e if 'refusing' in str(e) else f"unreadable ({type(e).__name__}: {e}); run prepare.py again"
-        raise ValueError(f"{path}: {why}") from None
+        why = f": {e}" if 'refusing' in str(e) else f" is unreadable ({type(e).__name__}: {e}); run prepare.py again"
+        raise ValueError(f"{path}{why}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
         raise ValueError(f"{path} has no integer vocab_size; run prepare.py again")
     if 'itos' in meta:  # JSON object keys are strings
         meta['itos'] = {int(i): s for i, s in meta['itos'].items()}
     return meta
 
-
 class Prefetcher:
-    """Makes iteration i's batch on a background thread and puts it on the devices ahead of use
-    (pin_memory and non_blocking's role): make(i) gives numpy arrays, put(arrays) device arrays.
-    Iterations are asked for in order from `start`."""
-
+    """put(make(i)) for i = start, start + 1, ... on a thread, ahead of use (pin_memory's role)."""
     def __init__(self, make, put, start, depth=2):
         self._make, self._put, self._next = make, put, start
-        self._queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True)
-        self._thread.start()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._ahead = collections.deque(self._submit(i) for i in range(start, start + depth))
 
-    def _run(self, i):
-        while not self._stop.is_set():
-            try:
-                item = (self._put(self._make(i)), None)
-            except BaseException as e:  # handed to the consumer, raised there
-                item = (None, e)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
-            if item[1] is not None:
-                return
-            i += 1
+    def _submit(self, i):
+        return self._pool.submit(lambda: self._put(self._make(i)))
 
-    def get(self, i):
+    def get(self, i):  # the thread's error, if any, is raised here
         if i != self._next:
             raise ValueError(f"Prefetcher: asked for iteration {i}, expected {self._next}")
-        batch, error = self._queue.get()
-        if error is not None:
-            raise error
-        self._next = i + 1
-        return batch
+        self._next += 1
+        self._ahead.append(self._submit(i + len(self._ahead)))
+        return self._ahead.popleft().result()
 
     def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)

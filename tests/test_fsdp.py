@@ -218,7 +218,7 @@ def test_memory_check_names_the_settings_that_would_fit():
         tx = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
         devices, num_params = jax.devices(), model.get_num_params(params)
         mesh = parallel.make_mesh(devices, 1)
-        compiled = training.compile_steps(config, tx, mesh, 4, 1, 'float32', 0, eval_steps=1)
+        compiled = training.compile_steps(config, tx, mesh, 4, 1, 'float32', 0, eval_iters=4)
         steps = [compiled['train step'][0], compiled['eval step'][0]]
         need = parallel.process_bytes(steps, mesh)
         print('need', need, flush=True)

@@ -656,11 +656,9 @@ def wandb_records(path):
 
 
 def test_log_and_eval_lines_keep_nanogpts_order(uninterrupted):
-    """Several iterations per call on this CPU model, and still nanoGPT's loop: an eval at every
-    eval_interval before that iteration's step, one log line per iteration, in order."""
+    """nanoGPT's loop: an eval at every eval_interval before that iteration's step, one log line per
+    iteration, in order."""
     _, log = uninterrupted
-    m = re.search(r'compiling the training step \((\d+) iterations per call\)', log)
-    assert m and int(m[1]) > N  # chunks are cut at the evals
     lines = re.findall(r'^(step|iter) (\d+):', log, re.M)
     expected = []
     for it in range(2 * N + 1):
