@@ -1,16 +1,11 @@
-"""
-Full definition of a GPT Language Model in JAX + Haiku: nanoGPT's model.py, the same modules, init
-and names ('transformer/h_0/attn/c_attn' ['weight'] is 'transformer.h.0.attn.c_attn.weight').
-Linear weights are (in, out), GPT-2's Conv1D layout.
+"""nanoGPT's model.py in JAX + Haiku: its modules, init and names ('transformer/h_0/attn/c_attn'
+'weight' is 'transformer.h.0.attn.c_attn.weight'); Linear weights are (in, out) as GPT-2's Conv1D.
 
-Shape glossary (suffixes on array names, and jaxtyping annotations the tests check at trace time):
-  B: batch size           T: sequence length (queries)    S: key/value length (cache slots)
-  C: n_embd (channels)    H: n_head                       D: head size, C // H
-  V: vocab size           F: MLP hidden size, 4 * C       N: prompt + new tokens (generate)
-  I, O: a Linear's in and out features    K: eval batches
-  R: micro-batches side by side (training.py)
-e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S).
-"""
+Shape glossary (array name suffixes; jaxtyping annotations the tests check at trace time):
+  B: batch size    T: sequence length (queries)    S: key/value length (cache slots)    C: n_embd
+  H: n_head    D: head size, C // H    V: vocab size    F: MLP hidden, 4 * C    K: eval batches
+  N: prompt + new tokens    I, O: a Linear's in and out features    R: micro-batches side by side
+e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S)."""
 import json
 import math
 import os
@@ -30,107 +25,71 @@ import backends
 Arrayish = Array | np.ndarray
 KV = tuple[Float[Array, "B H D S"], Float[Array, "B H S D"]]  # one layer's cache: keys, values
 
-
 def apply_dropout(x, rate, is_training):
     return hk.dropout(hk.next_rng_key(), rate, x) if is_training and rate > 0.0 else x
 
-
-@dataclass
-class Linear(hk.Module):
-    """nn.Linear with nanoGPT's N(0, std) init and zero bias."""
-    out_features: int
-    bias: bool = True
-    std: float = 0.02
-    name: str | None = None
-
-    def __call__(self, x):
-        O, init = self.out_features, hk.initializers.RandomNormal(self.std)
-        y = backends.matmul(x, hk.get_parameter('weight', (x.shape[-1], O), init=init))
-        return y + hk.get_parameter('bias', (O,), init=jnp.zeros) if self.bias else y
-
-
-@dataclass
-class Embedding(hk.Module):
-    num_embeddings: int
-    embedding_dim: int
-    name: str | None = None
-
-    def __call__(self):
-        shape = (self.num_embeddings, self.embedding_dim)
-        return hk.get_parameter('weight', shape, init=hk.initializers.RandomNormal(0.02))
-
+def linear(x, out_features, bias, name, std=0.02):  # nn.Linear with nanoGPT's init, zero bias
+    with hk.name_scope(name):
+        init = hk.initializers.RandomNormal(std)
+        y = backends.matmul(x, hk.get_parameter('weight', (x.shape[-1], out_features), init=init))
+        return y + hk.get_parameter('bias', (out_features,), init=jnp.zeros) if bias else y
 
 @dataclass
 class LayerNorm(hk.Module):
     """LayerNorm but with an optional bias; statistics in fp32 whatever the compute dtype."""
     bias: bool
     name: str | None = None
-
     def __call__(self, x):
         C, x32 = x.shape[-1], x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * lax.rsqrt(var + 1e-5) * hk.get_parameter('weight', (C,), init=jnp.ones)
-        if self.bias:
-            y = y + hk.get_parameter('bias', (C,), init=jnp.zeros)
+        y = y + hk.get_parameter('bias', (C,), init=jnp.zeros) if self.bias else y
         return y.astype(x.dtype)
-
-
-def residual_std(config):  # GPT-2's scaled init of the residual projections
-    return 0.02 / math.sqrt(2 * config.n_layer)
-
 
 @dataclass
 class CausalSelfAttention(hk.Module):
     config: 'GPTConfig'
     name: str | None = None
-
     def __call__(self, x_BTC: Float[Array, "B T C"], is_training, kv: KV | None, pos):
         (B, T, C), cfg = x_BTC.shape, self.config
-        H, D = cfg.n_head, C // cfg.n_head
-        qkv_BT3C = Linear(3 * C, cfg.bias, name='c_attn')(x_BTC)
-        q_BTHD, k_BTHD, v_BTHD = (a.reshape(B, T, H, D) for a in jnp.split(qkv_BT3C, 3, axis=-1))
+        H, D, qkv_BT3C = cfg.n_head, C // cfg.n_head, linear(x_BTC, 3 * C, cfg.bias, 'c_attn')
+        q_BTHD, k_BTHD, v_BTHD = (a.reshape(B, T, H, D) for a in jnp.split(qkv_BT3C, 3, -1))
         if kv is None and not (is_training and cfg.dropout > 0.0):
             y_BTHD = backends.causal_attention(q_BTHD, k_BTHD, v_BTHD)  # flash attention
         else:  # manual attention; the cache in the layouts its products read
             k_BHDS, v_BHSD = k_BTHD.transpose(0, 2, 3, 1), v_BTHD.transpose(0, 2, 1, 3)
-            if kv is not None:
-                k_BHDS = lax.dynamic_update_slice(kv[0], k_BHDS.astype(kv[0].dtype), (0, 0, 0, pos))
-                v_BHSD = lax.dynamic_update_slice(kv[1], v_BHSD.astype(kv[1].dtype), (0, 0, pos, 0))
-                kv = (k_BHDS, v_BHSD)
+            if kv is not None:  # this step's keys and values go to slots pos..pos+T-1
+                kv = k_BHDS, v_BHSD = (
+                    lax.dynamic_update_slice_in_dim(kv[0], k_BHDS.astype(kv[0].dtype), pos, 3),
+                    lax.dynamic_update_slice_in_dim(kv[1], v_BHSD.astype(kv[1].dtype), pos, 2))
             dt, S = q_BTHD.dtype, k_BHDS.shape[-1]
             mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
             att_BHTS = jnp.einsum('bthd,bhds->bhts', q_BTHD, k_BHDS.astype(dt)).astype(jnp.float32)
             att_BHTS = jnp.where(mask_TS, att_BHTS * (1.0 / math.sqrt(D)), -jnp.inf)
-            att_BHTS = jax.nn.softmax(att_BHTS, axis=-1).astype(dt)
+            att_BHTS = jax.nn.softmax(att_BHTS, -1).astype(dt)
             att_BHTS = apply_dropout(att_BHTS, cfg.dropout, is_training)
             y_BTHD = jnp.einsum('bhts,bhsd->bthd', att_BHTS, v_BHSD.astype(dt))
-        y_BTC = Linear(C, cfg.bias, std=residual_std(cfg), name='c_proj')(y_BTHD.reshape(B, T, C))
+        std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled init of the residual projections
+        y_BTC = linear(y_BTHD.reshape(B, T, C), C, cfg.bias, 'c_proj', std)
         return apply_dropout(y_BTC, cfg.dropout, is_training), kv
-
-
-def gelu(x):  # nn.GELU() with erf, as torch computes it (jax.nn.gelu's exact form uses erfc)
-    return 0.5 * x * (1.0 + lax.erf(x * (1.0 / math.sqrt(2.0))))
-
 
 @dataclass
 class MLP(hk.Module):
     config: 'GPTConfig'
     name: str | None = None
-
     def __call__(self, x_BTC, is_training):
         cfg = self.config
-        h_BTF = Linear(4 * cfg.n_embd, cfg.bias, name='c_fc')(x_BTC)
+        h_BTF = linear(x_BTC, 4 * cfg.n_embd, cfg.bias, 'c_fc')
+        gelu = lambda x: 0.5 * x * (1.0 + lax.erf(x * (1.0 / math.sqrt(2.0))))  # torch's nn.GELU
         h_BTF = gelu(h_BTF) if cfg.activation == 'gelu' else jax.nn.gelu(h_BTF, approximate=True)
-        x_BTC = Linear(cfg.n_embd, cfg.bias, std=residual_std(cfg), name='c_proj')(h_BTF)
+        x_BTC = linear(h_BTF, cfg.n_embd, cfg.bias, 'c_proj', 0.02 / math.sqrt(2 * cfg.n_layer))
         return apply_dropout(x_BTC, cfg.dropout, is_training)
-
 
 @dataclass
 class Block(hk.Module):
     config: 'GPTConfig'
     name: str | None = None
-
     def __call__(self, x_BTC: Float[Array, "B T C"], is_training, kv: KV | None, pos):
         cfg, x_BTC = self.config, backends.residual(x_BTC)
         y_BTC, kv = CausalSelfAttention(cfg, name='attn')(
@@ -138,7 +97,6 @@ class Block(hk.Module):
         x_BTC = backends.residual(x_BTC + y_BTC)
         x_BTC = x_BTC + MLP(cfg, name='mlp')(LayerNorm(cfg.bias, name='ln_2')(x_BTC), is_training)
         return x_BTC, kv
-
 
 @dataclass
 class GPTConfig:
@@ -151,47 +109,44 @@ class GPTConfig:
     bias: bool = True  # in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     activation: str = 'gelu'  # or 'gelu_new', the tanh form of GPT-2's checkpoints
     remat: bool = False  # recompute each block in the backward: less memory
-
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.activation not in ('gelu', 'gelu_new'):
             raise ValueError(f"activation must be 'gelu' or 'gelu_new', got {self.activation!r}")
 
-
 @dataclass
 class GPT(hk.Module):
     """Named 'transformer' so that Haiku's paths are nanoGPT's names; the lm_head is wte (tied)."""
     config: GPTConfig
     name: str | None = 'transformer'
-
-    def __call__(self, idx_BT: Int[Arrayish, "B T"], targets_BT: Int[Arrayish, "B T"] | None = None,
-                 is_training=False, cache: list[KV] | None = None, pos=0):
+    def __call__(self, idx_BT: Int[Arrayish, "B T"],
+                 targets_BT: Int[Arrayish, "B T"] | None = None, is_training=False,
+                 cache: list[KV] | None = None, pos=0):
         """With a cache, a decoding step of T tokens at pos..pos+T-1: (last logits_BV, cache)."""
-        cfg, T = self.config, idx_BT.shape[1]
+        cfg, T, init = self.config, idx_BT.shape[1], hk.initializers.RandomNormal(0.02)
         if cache is None and T > cfg.block_size:
-            raise ValueError(
-                f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
-        wte_VC = Embedding(cfg.vocab_size, cfg.n_embd, name='wte')()
-        wpe_TC = Embedding(cfg.block_size, cfg.n_embd, name='wpe')()
+            raise ValueError(f"cannot forward {T} tokens, block size is only {cfg.block_size}")
+        with hk.name_scope('wte'):  # nn.Embedding's table
+            wte_VC = hk.get_parameter('weight', (cfg.vocab_size, cfg.n_embd), init=init)
+        with hk.name_scope('wpe'):
+            wpe_TC = hk.get_parameter('weight', (cfg.block_size, cfg.n_embd), init=init)
         x_BTC = jnp.take(wte_VC, idx_BT, axis=0) + jnp.take(wpe_TC, pos + jnp.arange(T), axis=0)
         x_BTC, new_cache = apply_dropout(x_BTC, cfg.dropout, is_training), []
         for i in range(cfg.n_layer):
             block = Block(cfg, name=f'h_{i}')
             if cache is None and cfg.remat:
-                x_BTC = hk.remat(lambda x, block=block: block(x, is_training, None, 0)[0])(x_BTC)
-                continue
+                block = hk.remat(block, static_argnums=(1, 2, 3))
             x_BTC, kv = block(x_BTC, is_training, None if cache is None else cache[i], pos)
             new_cache.append(kv)
         x_BTC = LayerNorm(cfg.bias, name='ln_f')(x_BTC)
         lm_head = lambda x: backends.lm_head(x, wte_VC).astype(jnp.float32)
         if cache is not None:
-            return lm_head(x_BTC[:, -1, :]), new_cache
+            return lm_head(x_BTC[:, -1]), new_cache
         if targets_BT is None:  # inference-time mini-optimization: the last position only
-            return lm_head(x_BTC[:, -1:, :]), None
+            return lm_head(x_BTC[:, -1:]), None
         logits_BTV = lm_head(x_BTC)
         return logits_BTV, cross_entropy(logits_BTV, targets_BT)
-
 
 def cross_entropy(logits_BTV: Float[Array, "B T V"],
                   targets_BT: Int[Arrayish, "B T"]) -> Float[Array, ""]:  # ignore_index=-1
@@ -201,37 +156,28 @@ def cross_entropy(logits_BTV: Float[Array, "B T V"],
     picked_BT = jnp.take_along_axis(logits_BTV, safe_BT1, axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid_BT, lse_BT - picked_BT, 0.0)) / jnp.sum(valid_BT)
 
-
 def gpt_forward(config):  # rng may be None unless is_training with dropout
-    def forward(idx_BT, targets_BT=None, is_training=False):
-        return GPT(config)(idx_BT, targets_BT, is_training)
-    return hk.transform(forward)
-
+    return hk.transform(lambda idx_BT, targets_BT=None, is_training=False:
+                        GPT(config)(idx_BT, targets_BT, is_training))
 
 def gpt_decode(config):  # apply(params, idx_BT, cache, pos) -> (logits_BV, cache)
     return hk.without_apply_rng(hk.transform(
         lambda idx_BT, cache, pos: GPT(config)(idx_BT, cache=cache, pos=pos)))
-
 
 def init_cache(config, batch_size: int, dtype=jnp.float32) -> list[KV]:
     B, H, D, S = batch_size, config.n_head, config.n_embd // config.n_head, config.block_size
     return [(jnp.zeros((B, H, D, S), dtype), jnp.zeros((B, H, S, D), dtype))
             for _ in range(config.n_layer)]
 
-
-def init_params(config, rng):  # one compiled call: op by op, each small op would compile on its own
+def init_params(config, rng):  # one compiled call: op by op, each small op compiles on its own
     return jax.jit(gpt_forward(config).init)(rng, jnp.zeros((1, 1), jnp.int32))
-
 
 def param_shapes(config):
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
-
-def get_num_params(params, non_embedding=True):
-    """Of arrays or shapes. wte stays in the count: it doubles as the lm_head."""
+def get_num_params(params, non_embedding=True):  # of arrays or shapes; wte is the lm_head too
     n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
     return n - math.prod(params['transformer/wpe']['weight'].shape) if non_embedding else n
-
 
 def crop_block_size(params, config, block_size):
     if block_size > config.block_size:
@@ -240,91 +186,72 @@ def crop_block_size(params, config, block_size):
     params['transformer/wpe']['weight'] = params['transformer/wpe']['weight'][:block_size]
     return params, replace(config, block_size=block_size)
 
-
 # The weights that torch's nn.Linear stores (out, in), where ours and GPT-2's Conv1D are (in, out):
 TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-
 
 def to_torch_name(module, name):
     return re.sub(r'\bh_(\d+)\b', r'h.\1', module).replace('/', '.') + '.' + name
 
-
 def from_torch_name(key):
     module, name = key.rsplit('.', 1)
     return re.sub(r'\bh\.(\d+)\b', r'h_\1', module).replace('.', '/'), name
-
 
 def to_state_dict(params):  # numpy, in torch's layout, with the tied lm_head.weight
     sd = {to_torch_name(m, n): np.asarray(v) for m, p in params.items() for n, v in p.items()}
     sd = {k: v.T if k.endswith(TRANSPOSED) else v for k, v in sd.items()}
     return {**sd, 'lm_head.weight': sd['transformer.wte.weight']}
 
-
 def from_state_dict(sd):
     """Skips torch.compile's '_orig_mod.' prefix, the tied lm_head and attention mask buffers."""
     params = {}
-    for key, value in sd.items():
-        key = key.removeprefix('_orig_mod.')
-        if key != 'lm_head.weight' and not key.endswith(('.attn.bias', '.attn.masked_bias')):
-            module, name = from_torch_name(key)
-            value = np.asarray(value).T if key.endswith(TRANSPOSED) else np.asarray(value)
-            params.setdefault(module, {})[name] = jnp.asarray(value)
+    for k, v in sd.items():
+        k, v = k.removeprefix('_orig_mod.'), np.asarray(v)
+        if k != 'lm_head.weight' and not k.endswith(('.attn.bias', '.attn.masked_bias')):
+            m, n = from_torch_name(k)
+            params.setdefault(m, {})[n] = jnp.asarray(v.T if k.endswith(TRANSPOSED) else v)
     return params
-
 
 def from_pretrained(model_type, override_args=None):
     """GPT-2 from the Hugging Face hub or a save_pretrained directory, read without torch."""
     from safetensors.numpy import load_file
     pretrained = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-    override_args = override_args or {}
+    override_args, files = override_args or {}, ('config.json', 'model.safetensors')
     if bad := [k for k in override_args if k != 'dropout']:
-        raise ValueError(
-            f"only dropout can be overridden when loading pretrained weights, not {bad}")
-    files = ('config.json', 'model.safetensors')
+        raise ValueError(f"only dropout can be overridden in a pretrained model, not {bad}")
     if os.path.isdir(model_type):
-        config_path, weights_path = paths = [os.path.join(model_type, f) for f in files]
+        paths = [os.path.join(model_type, f) for f in files]
         if absent := [p for p in paths if not os.path.exists(p)]:
-            raise FileNotFoundError(
-                f"{absent[0]} not found: a GPT-2 directory needs config.json and model.safetensors")
+            raise FileNotFoundError(f"{absent[0]} not found: give a save_pretrained directory")
     elif model_type in pretrained:
         from huggingface_hub import hf_hub_download
-        config_path, weights_path = (hf_hub_download(model_type, f) for f in files)
+        paths = [hf_hub_download(model_type, f) for f in files]
     else:
         raise ValueError(f"unknown pretrained model {model_type!r}: "
                          f"use one of {sorted(pretrained)} or a local directory")
     print(f"loading weights from pretrained gpt: {model_type}")
-    with open(config_path) as f:
+    with open(paths[0]) as f:
         hf = json.load(f)
-    config_args = dict(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
-                       vocab_size=hf['vocab_size'], block_size=hf['n_positions'], bias=True,
-                       activation=hf.get('activation_function', 'gelu_new'))
     if model_type in pretrained:
         print("forcing vocab_size=50257, block_size=1024, bias=True")
-        assert config_args['vocab_size'] == 50257 and config_args['block_size'] == 1024
+        assert hf['vocab_size'] == 50257 and hf['n_positions'] == 1024
     if 'dropout' in override_args:
         print(f"overriding dropout rate to {override_args['dropout']}")
-        config_args['dropout'] = override_args['dropout']
-    config = GPTConfig(**config_args)
-    sd = {}  # the hub's names lack 'transformer.'; Conv1D weights go to nn.Linear's layout
-    for key, value in load_file(weights_path).items():
-        key = key if key.startswith(('transformer.', 'lm_head.')) else 'transformer.' + key
-        sd[key] = value.T if key.endswith(TRANSPOSED) else value
-    params = from_state_dict(sd)
+    config = GPTConfig(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
+                       vocab_size=hf['vocab_size'], block_size=hf['n_positions'], bias=True,
+                       activation=hf.get('activation_function', 'gelu_new'), **override_args)
+    sd = {k if k.startswith(('transformer.', 'lm_head.')) else 'transformer.' + k: v
+          for k, v in load_file(paths[1]).items()}  # the hub's names lack 'transformer.'
+    params = from_state_dict({k: v.T if k.endswith(TRANSPOSED) else v for k, v in sd.items()})
     if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, param_shapes(config)):
-        raise ValueError(f"{weights_path}: parameters do not match a GPT-2 of {config}")
+        raise ValueError(f"{paths[1]}: parameters do not match a GPT-2 of {config}")
     return config, params
-
 
 def flops_per_iter(config, num_params, fwdbwd_per_iter):  # PaLM paper, appendix B, as nanoGPT
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
-    flops_per_token = 6 * num_params + 12 * L * H * Q * T
-    return flops_per_token * T * fwdbwd_per_iter
-
+    return (6 * num_params + 12 * L * H * Q * T) * T * fwdbwd_per_iter
 
 def estimate_mfu(config, num_params, fwdbwd_per_iter, dt, peak_flops=312e12):  # A100 bf16 peak
     return flops_per_iter(config, num_params, fwdbwd_per_iter) / dt / peak_flops
-
-
 
 def crop_top_k(logits_BV: Float[Array, "B V"], top_k) -> Float[Array, "B V"]:  # ties at k-th stay
     if top_k is None:
@@ -332,26 +259,22 @@ def crop_top_k(logits_BV: Float[Array, "B V"], top_k) -> Float[Array, "B V"]:  #
     v_BK, _ = lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))
     return jnp.where(logits_BV < v_BK[:, -1:], -jnp.inf, logits_BV)
 
-
 def top_p_filter(logits_BV: Float[Array, "B V"], top_p) -> Float[Array, "B V"]:
     """Nucleus sampling, as Hugging Face's TopPLogitsWarper: the most likely token always stays."""
-    order_BV = jnp.argsort(logits_BV, axis=-1)  # ascending
-    probs_BV = jax.nn.softmax(jnp.take_along_axis(logits_BV, order_BV, axis=-1), axis=-1)
-    cut_BV = (jnp.cumsum(probs_BV, axis=-1) <= 1.0 - top_p).at[:, -1].set(False)
-    rows_B1 = jnp.arange(logits_BV.shape[0])[:, None]
-    cut_BV = jnp.zeros_like(cut_BV).at[rows_B1, order_BV].set(cut_BV)
+    order_BV = jnp.argsort(logits_BV, -1)  # ascending
+    probs_BV = jax.nn.softmax(jnp.take_along_axis(logits_BV, order_BV, -1), -1)
+    cut_BV = (jnp.cumsum(probs_BV, -1) <= 1.0 - top_p).at[:, -1].set(False)
+    cut_BV = jnp.zeros_like(cut_BV).at[jnp.arange(len(cut_BV))[:, None], order_BV].set(cut_BV)
     return jnp.where(cut_BV, -jnp.inf, logits_BV)
-
 
 def sample_next(logits_BV: Float[Array, "B V"], keys_B: UInt32[Array, "B 2"], temperature, top_k,
                 top_p=1.0) -> Int[Array, "B"]:
     """temperature 0.0 is greedy, where nanoGPT would divide by zero."""
     if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return jnp.argmax(logits_BV, -1).astype(jnp.int32)
     logits_BV = crop_top_k(logits_BV / temperature, top_k)
     logits_BV = top_p_filter(logits_BV, top_p) if top_p < 1.0 else logits_BV
     return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
-
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p=1.0):
     if max_new_tokens < 1:
@@ -359,69 +282,58 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p=1.0):
     if temperature < 0.0:
         raise ValueError(f"temperature must be >= 0.0 (0.0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError("top_k must be at least 1 (None or >= the vocabulary size keeps every "
-                         f"token), got {top_k}")
+        raise ValueError(f"top_k must be at least 1 (None keeps every token), got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1.0 keeps every token), got {top_p}")
 
-
 def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, stop=(),
                   on_tokens=None):
-    """nanoGPT's generate, compiled. Row b's token i draws with fold_in(keys_B[b], i); a row is done
-    once it ends with stop. on_tokens(n, idx_BN) runs on the host, returns when to call it next."""
+    """nanoGPT's generate, compiled once; row b's token i draws with fold_in(keys_B[b], i)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    decode_step, forward = gpt_decode(config).apply, gpt_forward(config).apply
+    decode, forward = gpt_decode(config).apply, gpt_forward(config).apply
     block_size, stop_S, n_stop = config.block_size, np.asarray(stop, np.int32), len(stop)
-
     @jax.jit
     def generate_tokens(params, idx_BT: Int[Array, "B T"],
                         keys_B: UInt32[Array, "B 2"]) -> Int[Array, "B N"]:
         (B, T), idx_BT = idx_BT.shape, idx_BT.astype(jnp.int32)
         idx_BN = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(idx_BT)
-
         def put_next(i, logits_BV, idx_BN, done_B, report):  # new token i, after T + i tokens
             keys_i = jax.vmap(jax.random.fold_in, (0, None))(keys_B, i)
-            next_B = sample_next(logits_BV, keys_i, temperature, top_k, top_p)
-            idx_BN = lax.dynamic_update_slice_in_dim(idx_BN, next_B[:, None], T + i, axis=1)
-            if n_stop:
-                tail_BS = lax.dynamic_slice_in_dim(idx_BN, T + i + 1 - n_stop, n_stop, axis=1)
-                done_B = done_B | ((i + 1 >= n_stop) & jnp.all(tail_BS == stop_S, axis=1))
-            if on_tokens is not None:
+            next_B1 = sample_next(logits_BV, keys_i, temperature, top_k, top_p)[:, None]
+            idx_BN = lax.dynamic_update_slice_in_dim(idx_BN, next_B1, T + i, 1)
+            if n_stop:  # a row is done once it ends with stop
+                tail_BS = lax.dynamic_slice_in_dim(idx_BN, T + i + 1 - n_stop, n_stop, 1)
+                done_B = done_B | ((i + 1 >= n_stop) & jnp.all(tail_BS == stop_S, 1))
+            if on_tokens is not None:  # on_tokens(n, idx_BN) runs on the host: when to call next
                 out = jax.ShapeDtypeStruct((), jnp.int32)
                 call = lambda: io_callback(on_tokens, out, i + 1, idx_BN, ordered=True)
                 report = lax.cond(i + 1 >= report, call, lambda: report)
             return idx_BN, done_B, report
-
-        def cached_step(carry):  # the newest token joins the cache at position T + i - 1
-            i, cache, *state = carry
-            tok_B1 = lax.dynamic_slice_in_dim(state[0], T + i - 1, 1, axis=1)
-            logits_BV, cache = decode_step(params, tok_B1, cache, T + i - 1)
-            return (i + 1, cache, *put_next(i, logits_BV, *state))
-
-        def window_step(carry):  # nanoGPT's crop: the last block_size tokens, positions from 0
-            i, *state = carry
-            window_BT = lax.dynamic_slice_in_dim(state[0], T + i - block_size, block_size, axis=1)
-            return (i + 1, *put_next(i, forward(params, None, window_BT)[0][:, -1, :], *state))
-
-        until = lambda end: lambda carry: (carry[0] < end) & ~jnp.all(carry[-2])  # [-2]: done_B
+        def step(carry):  # token i; past block_size (cache None) every position shifts: no cache
+            i, cache, idx_BN, *state = carry
+            if cache is None:  # nanoGPT's crop: the last block_size tokens, at positions from 0
+                window_BT = lax.dynamic_slice_in_dim(idx_BN, T + i - block_size, block_size, 1)
+                logits_BV = forward(params, None, window_BT)[0][:, -1]
+            else:
+                tok_B1 = lax.dynamic_slice_in_dim(idx_BN, T + i - 1, 1, 1)
+                logits_BV, cache = decode(params, tok_B1, cache, T + i - 1)
+            return (i + 1, cache, *put_next(i, logits_BV, idx_BN, *state))
+        def loop(end, *carry):  # steps until token end, or until every row is done (c[3]: done_B)
+            return lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[3]), step, carry)[2:]
         state, n_cached = (idx_BN, jnp.zeros((B,), bool), jnp.int32(1)), 0
-        if T <= block_size:  # prefill the prompt in one pass, then one token per step while it fits
+        if T <= block_size:  # prefill the prompt in one pass, then a token a step while it fits
             cache = init_cache(config, B, params['transformer/wte']['weight'].dtype)
-            logits_BV, cache = decode_step(params, idx_BT, cache, 0)
+            logits_BV, cache = decode(params, idx_BT, cache, 0)
             n_cached = min(max_new_tokens, block_size - T + 1)
-            carry = (jnp.int32(1), cache, *put_next(0, logits_BV, *state))
-            _, _, *state = lax.while_loop(until(n_cached), cached_step, carry)
-        if n_cached < max_new_tokens:  # past block_size every position shifts: no cache
-            carry = (jnp.int32(n_cached), *state)
-            _, *state = lax.while_loop(until(max_new_tokens), window_step, carry)
+            state = loop(n_cached, jnp.int32(1), cache, *put_next(0, logits_BV, *state))
+        if n_cached < max_new_tokens:
+            state = loop(max_new_tokens, jnp.int32(n_cached), None, *state)
         return state[0]
-
     return generate_tokens
 
-
-def generate(params, config, idx_BT: Int[Arrayish, "B T"], max_new_tokens: int, temperature=1.0,
-             top_k=None, key=None):
-    """nanoGPT's model.generate with a PRNG key (row b: fold_in(key, b)); compiles on every call."""
+def generate(params, config, idx_BT: Int[Arrayish, "B T"], max_new_tokens: int,
+             temperature=1.0, top_k=None, key=None):
+    """nanoGPT's model.generate with a PRNG key (row b: fold_in(key, b)); compiles each call."""
     key = jax.random.PRNGKey(0) if key is None else key
     keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(idx_BT)))
     generate_tokens = make_generate(config, max_new_tokens, temperature, top_k)
