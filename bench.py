@@ -1,7 +1,4 @@
-"""
-A much shorter version of train.py for benchmarking: its compiled step, timed apart from compile.
-$ python bench.py --compare=torch    # and the same model in PyTorch, turn about
-"""
+"""A much shorter version of train.py for benchmarking: its compiled step, apart from compile."""
 import os
 import resource
 import sys
@@ -20,34 +17,25 @@ import training
 batch_size = 12
 block_size = 1024
 bias = False
-real_data = True # windows of data/<dataset>/train.bin, else of random tokens
+real_data = True # else random tokens
 dataset = 'openwebtext'
 seed = 1337
-device = 'cuda' # as train.py, and dtype
-dtype = 'auto'
-compile = True # with --compare=torch, torch.compile (JAX always compiles)
-profile = False # a jax.profiler trace of 3 steps in profile_dir
-profile_dir = 'bench_log'
-n_layer = 12
-n_head = 12
-n_embd = 768
-vocab_size = 50304
+device, dtype = 'cuda', 'auto' # as train.py
+compile = True # torch.compile, with --compare=torch
+profile, profile_dir = False, 'bench_log' # a jax.profiler trace of 3 steps
+n_layer, n_head, n_embd, vocab_size = 12, 12, 768, 50304 # GPT-2 124M
 gradient_accumulation_steps = 1
-optimizer = 'adamw' # as train.py, and fsdp, remat
-fsdp = 1
-remat = False
-burnin = 10 # iterations before timing starts
-num_steps = 20 # timed iterations
-peak_flops = 0.0 # MFU's unit; 0: the device table, else a matmul measured now
-compare = '' # 'torch': also Hugging Face's GPT-2 and torch.optim.AdamW, same batches
-torch_threads = 0 # torch.set_num_threads; 0: torch's default
+optimizer, fsdp, remat = 'adamw', 1, False # as train.py
+burnin, num_steps = 10, 20 # untimed iterations, then timed ones
+peak_flops = 0.0 # for MFU; 0: the device's table, else measured
+compare = '' # 'torch': also Hugging Face's GPT-2 in PyTorch, same batches
+torch_threads = 0 # 0: torch's default
 # -----------------------------------------------------------------------------
 _defaults = dict(globals())
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 G = gradient_accumulation_steps
-parallel.pin_platform(device) # as train.py, before JAX starts its backends
+parallel.pin_platform(device) # before JAX starts, as train.py
 freed_kept = backends.setup_cpu(device, n_layer, n_embd, G * batch_size)
-# -----------------------------------------------------------------------------
 
 if compare not in ('', 'torch') or compare and optimizer != 'adamw':
     die(f"compare={compare!r} with optimizer={optimizer!r}: use --compare=torch with adamw or none")
@@ -57,9 +45,9 @@ if min(*dims.values(), batch_size, block_size, G, num_steps, fsdp, burnin + 1) <
 devices = parallel.select_devices(device)
 platform, kind = devices[0].platform, devices[0].device_kind
 dtype = parallel.select_dtype(dtype, platform)
-small = dict(batch_size=2, block_size=256, burnin=2, num_steps=8, compile=False) # GPU sizes
+small = dict(batch_size=2, block_size=256, burnin=2, num_steps=8, compile=False)
 small = {k: v for k, v in small.items() if platform == 'cpu' and globals()[k] == _defaults[k]
-         and not any(a.startswith(f'--{k}=') for a in sys.argv)} # take minutes on a CPU
+         and not any(a.startswith(f'--{k}=') for a in sys.argv)} # GPU sizes: minutes on a CPU
 if small:
     globals().update(small)
     print("CPU-sized defaults (give them to change):", *(f"{k}={v}" for k, v in small.items()))
@@ -67,7 +55,7 @@ tokens_per_iter = G * batch_size * block_size
 print(f"{len(devices)} x {kind}, {dtype}, {n_layer}L/{n_head}H/{n_embd}C, vocab {vocab_size}"
       f", {G} micro-batch(es) of {batch_size} x {block_size} = {tokens_per_iter:,} tokens/iter"
       + f", the state sharded over {fsdp} (fsdp)" * (fsdp > 1) + ", remat" * remat)
-try: # as train.py: micro-batches over the devices, or on a CPU each micro-batch's rows
+try: # as train.py
     gptconf = GPTConfig(block_size=block_size, bias=bias, remat=remat, **dims)
     shapes = param_shapes(gptconf)
     mesh = parallel.make_mesh(devices, fsdp)
@@ -79,31 +67,27 @@ num_params = get_num_params(shapes)
 print(f"number of parameters: {num_params / 1e6:.2f}M")
 
 path = os.path.join('data', dataset, 'train.bin')
-if real_data and not os.path.exists(path):
-    print(f"{path} not found: using random tokens (as --real_data=False)")
+data = np.random.default_rng(seed).integers(0, vocab_size, 2**20 + block_size, np.uint16)
 if real_data and os.path.exists(path):
     data = np.memmap(path, dtype=np.uint16, mode='r')
     if len(data) <= block_size or data[:100_000].max() >= vocab_size:
         die(f"{path}: too few tokens, or ids >= vocab_size={vocab_size}")
-else:
-    data = np.random.default_rng(seed).integers(0, vocab_size, 2**20 + block_size, np.uint16)
+elif real_data:
+    print(f"{path} not found: using random tokens (as --real_data=False)")
 make_batch = lambda it: training.windows(data, training.batch_indices(
     seed, 'train', it, len(data), block_size, (G, batch_size)), block_size)
-
 
 def timed(fn, *args):
     t0 = time.perf_counter()
     return fn(*args), time.perf_counter() - t0
 
-
-n_peak = 1 if platform == 'cpu' else len(devices) # one host device's matmul uses every core
 peak = peak_flops or parallel.device_peak_flops(devices[0])
-peak_what = ("given by --peak_flops" if peak_flops else f"{kind} bf16 table" if peak
-             else f"2048x2048 fp32 matmul measured now on {n_peak} {platform} device(s)")
-if not peak: # the best of 10 runs: on a shared host one run can see half the peak
+peak_what = "given by --peak_flops" if peak_flops else f"{kind} bf16 table"
+if not peak: # the best run: a shared host can halve one
+    n_peak = 1 if platform == 'cpu' else len(devices) # one host device's matmul uses every core
     a, f = jax.numpy.ones((2048, 2048), device=devices[0]), jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    peak = 2 * 2048**3 * n_peak / min(timed(lambda: f(a).block_until_ready())[1] for _ in range(10))
+    peak = 2 * 2048**3 * n_peak / min(timed(lambda: f(a).block_until_ready())[1] for _ in range(11))
+    peak_what = f"2048x2048 fp32 matmul measured now on {n_peak} {platform} device(s)"
 print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_what})")
 
 training.set_precision(dtype)
@@ -112,14 +96,11 @@ step, compile_s = compiled['train step']
 lr = np.float32(1e-4)
 state = compiled['initial state'][0](jax.random.PRNGKey(seed)) # under fsdp, made in its shards
 
-
 def jax_step(it):
-    """One iteration, as torch_step: its batch made and sent, the step, the loss back."""
     global state
     x, y = (training.arrange(a, ranks) for a in make_batch(it))
     state, metrics = step(state, parallel.put_batch(training.Batch(x, y), mesh), lr, np.int32(it))
     return float(parallel.local_value(metrics['loss']))
-
 
 steps = {'jax': (jax_step, compile_s)}
 if compare:
@@ -127,7 +108,7 @@ if compare:
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as e:
-        die(f"--compare=torch needs torch and transformers ({e}): pip install torch transformers")
+        die(f"--compare=torch: {e} (pip install torch transformers)")
     torch.set_num_threads(torch_threads or torch.get_num_threads())
     tdev = 'cuda' if platform == 'gpu' and torch.cuda.is_available() else 'cpu'
     torch.manual_seed(seed)
@@ -154,7 +135,6 @@ if compare:
         scaler.update()
         topt.zero_grad(set_to_none=True)
         return loss.item() * G # .item() waits for the step
-
     compile_s = timed(torch_step, 0)[1] # torch.compile compiles here
     steps[f"torch ({'torch.compile' if compile else 'eager'})"] = (torch_step, compile_s)
 
@@ -173,12 +153,10 @@ while any(len(t) < num_steps for t in times.values()):
                 print(f"{name.split()[0]} {it} loss: {lossf:.4f}, {dt * 1000:.1f}ms")
 for name, (_, compile_s) in steps.items():
     t = np.asarray(times[name]) * 1000
-    med = np.median(t)
-    mfu = estimate_mfu(gptconf, num_params, G * batch_size, med / 1000, peak) * 100
+    times[name] = med = np.median(t)
     print(f"{name}: compile {compile_s:.1f}s | median {med:.2f} ms/iter (min {t.min():.2f}, "
           f"max {t.max():.2f}, {len(t)} iters) | {tokens_per_iter / med * 1000:,.0f} tokens/s | "
-          f"MFU {mfu:.1f}%")
-    times[name] = med
+          f"MFU {estimate_mfu(gptconf, num_params, G * batch_size, med / 1000, peak) * 100:.1f}%")
 if compare:
     print(f"jax/torch: {times[name] / times['jax']:.2f}x the tokens/s of torch (torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__})"

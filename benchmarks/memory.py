@@ -1,23 +1,17 @@
-"""
-XLA's per-device memory estimate of train.py's step for GPT-2 124M .. 1558M: data parallel, fsdp,
-fsdp with remat; compiled on shapes (nothing allocated) over simulated devices, a TPU's plain ops.
-$ python benchmarks/memory.py                                    # 8 devices, batch_size 1 each
-$ python benchmarks/memory.py --models=gpt2-xl --micro_steps=4   # config/finetune_shakespeare.py
-"""
+"""XLA's per-device memory estimate of train.py's step for GPT-2 124M .. 1558M, dp, fsdp and
+fsdp with remat, compiled on shapes over simulated CPU devices as a TPU runs it."""
 import os
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the repository's modules
+sys.path.insert(0, REPO)
 devices = 8 # simulated CPU devices, set before JAX starts
 models = 'gpt2,gpt2-medium,gpt2-large,gpt2-xl'
-batch_size = 1 # per device
-micro_steps = 1 # micro-batches per device per iteration
-block_size = 1024
-dtype = 'bfloat16'
-fsdp = 0 # the fsdp columns' shards; 0: all the devices
-budget = 16.0 # GiB per device marked as fitting (a TPU v5e chip)
+batch_size, micro_steps = 1, 1 # per device: its rows, its micro-batches per iteration
+block_size, dtype = 1024, 'bfloat16'
+fsdp = 0 # the fsdp columns' shards; 0: all devices
+budget = 16.0 # GiB per device that fits (a TPU v5e chip)
 exec(open(os.path.join(REPO, 'configurator.py')).read())
 os.environ['JAX_PLATFORMS'], os.environ['JAX_NUM_CPU_DEVICES'] = 'cpu', str(devices)
 
@@ -45,7 +39,7 @@ for name in models.split(','):
     params = model.param_shapes(config(False))
     tx = training.configure_optimizers(params, 0.1, 6e-4, (0.9, 0.95), 1.0)
     row = []
-    for shards, remat in ((1, False), (fsdp, False), (fsdp, True)):  # whole micro-batches
+    for shards, remat in ((1, False), (fsdp, False), (fsdp, True)): # whole micro-batches
         t0, mesh = time.time(), parallel.make_mesh(jax.devices(), shards)
         step = training.compile_steps(config(remat), tx, mesh, micro_steps * devices, batch_size,
                                       dtype, 0)['train step'][0]

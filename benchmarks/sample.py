@@ -1,9 +1,5 @@
-"""
-Sampling speed side by side, random weights: 1. the KV cache against nanoGPT's generate, which
-re-runs the model over the (cropped) context for each token (greedy; past block_size each new token
-sits at a new position, so the window is recomputed either way); 2. a batch of samples against one
-at a time; 3. one sample streamed against not; 4. train.py's eval step with its progress callback.
-"""
+"""Sampling speed, random weights: 1. the KV cache against nanoGPT's recompute; 2. a batch of
+samples against one at a time; 3. streamed against not; 4. eval with its progress bar or not."""
 import io
 import os
 import sys
@@ -15,42 +11,36 @@ import jax
 import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the repository's modules
+sys.path.insert(0, REPO)
 from model import GPTConfig, gpt_forward, init_params, make_generate
 import cli
 import training
 
 n_layer, n_head, n_embd, block_size, vocab_size = 4, 4, 128, 64, 65  # the README's CPU model
-prompt_len = 1  # like sample.py's default start="\n"
-max_new_tokens, num_samples = 500, 10
-eval_iters, batch_size = 200, 12  # 4.: train.py's default eval_iters, the README's batch_size
-pad_to = 16  # the recompute baseline's context lengths, rounded up: fewer shapes to compile
-repeats, turns = 3, 8  # best of repeats; 3. and 4. alternate turns times (a shared host is noisy)
-seed = 1337
-exec(open(os.path.join(REPO, 'configurator.py')).read())  # overrides
+prompt_len, max_new_tokens, num_samples = 1, 500, 10  # 1: sample.py's start="\n"
+eval_iters, batch_size = 200, 12  # 4.: train.py's and the README's
+pad_to = 16  # recompute's context lengths rounded up: fewer compiles
+repeats, turns, seed = 3, 8, 1337  # best of repeats; 3. and 4. take turns: a noisy host
+exec(open(os.path.join(REPO, 'configurator.py')).read())
 
 config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                    vocab_size=vocab_size)
 params = init_params(config, jax.random.PRNGKey(seed))
 prompt = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, prompt_len), 0, vocab_size, jnp.int32)
 keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(num_samples))
-n_fit = max(0, min(max_new_tokens, block_size - prompt_len + 1))  # new tokens drawn with the cache
+n_fit = max(0, min(max_new_tokens, block_size - prompt_len + 1))  # new tokens with the cache
 n_cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 print(f"{config}; prompt {prompt_len} token(s), {max_new_tokens} new tokens, {jax.devices()[0]} "
       f"({n_cores} CPU cores), jax {jax.__version__}")
 
-
-def best_of(fn):
-    """(the fastest of `repeats` calls' seconds, the result)."""
+def best_of(fn):  # (the fastest call's seconds, the result)
     runs = [(now(), jax.block_until_ready(fn()), now()) for _ in range(repeats)]
     return min(t1 - t0 for t0, _, t1 in runs), runs[-1][1]
 
-
 def generator(n_new, B, **rule):
-    """make_generate for B samples (sample k with key k), compiled, as a call of no arguments."""
+    """make_generate compiled for B samples (sample k: key k), as a call of no arguments."""
     args = (params, jnp.repeat(prompt, B, 0), keys[:B])
     return partial(make_generate(config, n_new, **rule).lower(*args).compile(), *args)
-
 
 def table(title, a, b, *rows):
     print(f"\n{title:<40} {a:^34} | {b:^34} | speedup")
@@ -58,32 +48,27 @@ def table(title, a, b, *rows):
     for name, a_s, b_s, n in rows:
         print(f"{name:<40} {rate(a_s, n)} | {rate(b_s, n)} | {b_s / a_s:6.2f}x")
 
-
 same = lambda a, b: "the same" if np.array_equal(a, b) else "DIFFERENT"
-# the fastest of a and of b, best_of each taking turns `turns` times: both see the same load
 race = lambda a, b: map(min, zip(*[(best_of(a)[0], best_of(b)[0]) for _ in range(turns)]))
 started = lambda progress, total, fn: lambda: progress.start(total) or fn()  # a Progress per run
 
-kv_time, kv_out = best_of(generator(max_new_tokens, 1, temperature=0.0))  # 1.: all new tokens,
-kv_fit_time = best_of(generator(n_fit, 1, temperature=0.0))[0] if n_fit else 0.0  # those that fit
+kv_time, kv_out = best_of(generator(max_new_tokens, 1, temperature=0.0))
+kv_fit_time = best_of(generator(n_fit, 1, temperature=0.0))[0] if n_fit else 0.0
 forward = jax.jit(lambda params, idx_BT: gpt_forward(config).apply(params, None, idx_BT, idx_BT)[0])
-width = lambda T: min(-(-T // pad_to) * pad_to, block_size)  # fewer shapes to compile
-
 
 def recompute():
-    """nanoGPT's generate loop, greedy, over the context padded to width (a causal model ignores it;
-    targets: every position's logits): (tokens, seconds after each new token)."""
+    """nanoGPT's greedy generate over the padded context: (tokens, seconds after each new token)."""
     idx, t0, stamps = np.asarray(prompt), now(), [0.0]
     for _ in range(max_new_tokens):
         ctx = idx[:, -block_size:]
-        logits_BPV = forward(params, np.pad(ctx, ((0, 0), (0, width(ctx.shape[1]) - ctx.shape[1]))))
+        pad = min(-(-ctx.shape[1] // pad_to) * pad_to, block_size) - ctx.shape[1]  # ignored, causal
+        logits_BPV = forward(params, np.pad(ctx, ((0, 0), (0, pad))))
         next_id = np.asarray(logits_BPV)[:, ctx.shape[1] - 1].argmax(-1)  # on the host: one compile
         idx = np.concatenate([idx, next_id[:, None].astype(np.int32)], axis=1)
         stamps.append(now() - t0)
     return idx, stamps
 
-
-runs = [recompute() for _ in range(repeats + 1)][1:]  # the first compiles forward's shapes
+runs = [recompute() for _ in range(repeats + 1)][1:]  # the first compiles
 re_time, re_fit_time = (min(stamps[k] for _, stamps in runs) for k in (-1, n_fit))
 n_crop = max_new_tokens - n_fit
 crop = max(kv_time - kv_fit_time, 1e-9), max(re_time - re_fit_time, 1e-9)  # past the fit
@@ -91,15 +76,15 @@ rows = [(f"new tokens 1-{n_fit} (fit in context)", kv_fit_time, re_fit_time, n_f
         (f"new tokens {n_fit + 1}-{max_new_tokens} (cropped window)", *crop, n_crop),
         (f"all {max_new_tokens} new tokens", kv_time, re_time, max_new_tokens * (n_crop > 0))]
 table(f"1. greedy, one sample ({same(kv_out, runs[0][0])} tokens)", 'kv cache', 'full recompute',
-      *[row for row in rows if row[-1]])  # those with tokens; all of them only if some were cropped
+      *[row for row in rows if row[-1]])  # those with tokens
 
-rule = dict(temperature=0.8, top_k=200)  # 2. num_samples samples in one batch against one at a time
+rule = dict(temperature=0.8, top_k=200)
 single, n_all = generator(max_new_tokens, 1, **rule), num_samples * max_new_tokens
 batch_time, batch_out = best_of(generator(max_new_tokens, num_samples, **rule))
 one_time, one_out = best_of(lambda: [single.func(params, prompt, keys[k:k + 1])
                                      for k in range(num_samples)])
-title = f"2. {num_samples} samples ({same(batch_out, np.concatenate(one_out))} tokens)"
-table(title, 'in one batch', 'one at a time',
+table(f"2. {num_samples} samples ({same(batch_out, np.concatenate(one_out))} tokens)",
+      'in one batch', 'one at a time',
       (f"{num_samples} x {max_new_tokens} new tokens", batch_time, one_time, n_all))
 
 streamer, text = cli.Progress('', every=0.02, disable=True), io.StringIO()  # 3.: not to a tty
@@ -111,10 +96,9 @@ table(f"3. one sample ({same(stream(), one_out[0])} tokens)", 'streamed', 'not s
 
 bar, shape = cli.Progress('eval', disable=True), (eval_iters, batch_size, block_size + 1)
 tokens = jax.random.randint(jax.random.PRNGKey(seed + 2), shape, 0, vocab_size)
-batches = (params, tokens[..., :-1], tokens[..., 1:], jnp.ones(shape[:2], bool))
-with_bar, without = (partial(jax.jit(training.make_eval_step(config, progress=p)), *batches)
-                     for p in (bar, None))
-with_bar = started(bar, eval_iters, with_bar)
+batches = (params, tokens[..., :-1], tokens[..., 1:])
+eval_step = lambda p: partial(jax.jit(training.make_eval_step(config, 1, eval_iters, p)), *batches)
+with_bar, without = started(bar, eval_iters, eval_step(bar)), eval_step(None)
 table(f"4. eval step ({same(with_bar(), without())} loss)", 'with its progress callback', 'without',
       (f"{eval_iters} batches of {batch_size} x {block_size}", *race(with_bar, without),
        tokens[..., 1:].size))

@@ -1,4 +1,4 @@
-# finetune GPT-2 XL on tiny Shakespeare (python data/shakespeare/prepare.py first)
+# finetune GPT-2 XL on data/shakespeare (its prepare.py first)
 import time
 
 out_dir = 'out-shakespeare'
@@ -10,17 +10,12 @@ wandb_run_name = 'ft-' + str(time.time())
 
 dataset = 'shakespeare'
 init_from = 'gpt2-xl'  # the largest GPT-2
+always_save_checkpoint = False  # only save checkpoints that improve val loss
 
-# keep only checkpoints that improve val loss
-always_save_checkpoint = False
-
-# examples per iteration:
-# 1 batch_size * 32 grad_accum * 1024 tokens = 32,768 tokens/iter
-# shakespeare has 301,966 tokens, so one epoch is ~9.2 iterations
+# 1 batch_size * 32 grad_accum * 1024 tokens = 32,768 tokens/iter: an epoch (301,966) is ~9.2 iters
 batch_size = 1
 gradient_accumulation_steps = 32
 max_iters = 20
 
-# constant, small learning rate
 learning_rate = 3e-5
 decay_lr = False

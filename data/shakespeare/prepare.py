@@ -1,7 +1,4 @@
-"""
-Prepare the tiny Shakespeare dataset with GPT-2's BPE: train.bin and val.bin of uint16 token ids,
-as nanoGPT's. No meta file: GPT-2 BPE is the default wherever a dataset has none.
-"""
+"""Tiny Shakespeare with GPT-2's BPE into nanoGPT's train.bin / val.bin (no meta: the default)."""
 import os
 import requests
 import tiktoken
@@ -21,19 +18,11 @@ if not os.path.exists(input_file_path):
 with open(input_file_path, 'r', encoding='utf-8') as f:
     data = f.read()
 n = len(data)
-train_data = data[:int(n * 0.9)]
-val_data = data[int(n * 0.9):]
-
-# encode with tiktoken gpt2 bpe
 enc = tiktoken.get_encoding("gpt2")
-train_ids = np.array(enc.encode_ordinary(train_data), dtype=np.uint16)
-val_ids = np.array(enc.encode_ordinary(val_data), dtype=np.uint16)
-print(f"train has {len(train_ids):,} tokens")
-print(f"val has {len(val_ids):,} tokens")
-
+train_ids = np.array(enc.encode_ordinary(data[:int(n * 0.9)]), dtype=np.uint16)
+val_ids = np.array(enc.encode_ordinary(data[int(n * 0.9):]), dtype=np.uint16)
+print(f"train has {len(train_ids):,} tokens")  # 301,966
+print(f"val has {len(val_ids):,} tokens")  # 36,059
 train_ids.tofile(os.path.join(here, 'train.bin'))
 val_ids.tofile(os.path.join(here, 'val.bin'))
 print(f"wrote train.bin and val.bin to {here}")
-
-# train.bin has 301,966 tokens
-# val.bin has 36,059 tokens

@@ -1,8 +1,4 @@
-"""
-Prepare the Shakespeare dataset for character-level language modeling: characters, not GPT-2 BPE
-tokens, mapped to ints. Saves train.bin, val.bin (uint16 ids) and meta.json, the vocabulary: JSON,
-not nanoGPT's meta.pkl, so that loading it runs no code (a nanoGPT meta.pkl is still read).
-"""
+"""Tiny Shakespeare by characters into train.bin, val.bin and meta.json (JSON: safe to load)."""
 import os
 import json
 import requests
@@ -21,36 +17,24 @@ if not os.path.exists(input_file_path):
 
 with open(input_file_path, 'r', encoding='utf-8') as f:
     data = f.read()
-print(f"length of dataset in characters: {len(data):,}")
+print(f"length of dataset in characters: {len(data):,}")  # 1,115,394
 
-# the vocabulary is the set of characters that occur, in sorted order
 chars = sorted(set(data))
 vocab_size = len(chars)
 print("all the unique characters:", ''.join(chars))
-print(f"vocab size: {vocab_size:,}")
-
+print(f"vocab size: {vocab_size:,}")  # 65
 stoi = {ch: i for i, ch in enumerate(chars)}
 itos = {i: ch for i, ch in enumerate(chars)}
 
-# first 90% of the text for training, the rest for validation
 n = len(data)
 train_ids = np.array([stoi[c] for c in data[:int(n * 0.9)]], dtype=np.uint16)
 val_ids = np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16)
-print(f"train has {len(train_ids):,} tokens")
-print(f"val has {len(val_ids):,} tokens")
-
+print(f"train has {len(train_ids):,} tokens")  # 1,003,854
+print(f"val has {len(val_ids):,} tokens")  # 111,540
 train_ids.tofile(os.path.join(here, 'train.bin'))
 val_ids.tofile(os.path.join(here, 'val.bin'))
 
-# the vocabulary, for sample.py (JSON keys are strings: load_meta turns itos's back into ints)
-meta = {'vocab_size': vocab_size, 'itos': itos, 'stoi': stoi}
+# for sample.py (JSON keys are strings: load_meta turns itos's back into ints)
 with open(os.path.join(here, 'meta.json'), 'w', encoding='utf-8') as f:
-    json.dump(meta, f, ensure_ascii=False, indent=0)
+    json.dump(dict(vocab_size=vocab_size, itos=itos, stoi=stoi), f, ensure_ascii=False, indent=0)
 print(f"wrote train.bin, val.bin and meta.json to {here}")
-
-# length of dataset in characters: 1,115,394
-# all the unique characters:
-#  !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
-# vocab size: 65
-# train has 1,003,854 tokens
-# val has 111,540 tokens
