@@ -29,5 +29,6 @@ demo: $(VENV)/.runtime
 	$(PY) train.py config/train_shakespeare_char.py $(CPU_FLAGS)
 	$(PY) sample.py --out_dir=out-shakespeare-char
 
+# two workers, a test file each: much of the suite waits on one-threaded compiles and process start-up
 test: $(VENV)/.test
-	NANOGPT_REQUIRE_REFERENCES=1 $(PY) -m pytest -v tests
+	NANOGPT_REQUIRE_REFERENCES=1 $(PY) -m pytest -v -n 2 --dist loadfile tests

@@ -20,7 +20,11 @@ def pin_platform(device):  # --device=cpu runs on the CPU even where JAX also ha
     if device.partition(':')[0] == 'cpu':
         jax.config.update('jax_platforms', 'cpu')
 
-def start_processes(coordinator_address, num_processes, process_id, backend, config, may_differ=()):
+SETTINGS_THAT_MAY_DIFFER = ('out_dir', 'dataset', 'coordinator_address', 'num_processes', 'process_id',
+                            'wandb_log', 'wandb_project', 'wandb_run_name')
+
+def start_processes(coordinator_address, num_processes, process_id, backend, config,
+                    may_differ=SETTINGS_THAT_MAY_DIFFER):
     """Joins a multi-process run (torchrun's role; defaults from JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES, JAX_PROCESS_ID) and checks that every process got the same settings."""
     coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')

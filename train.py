@@ -92,9 +92,7 @@ on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intac
 # various inits, derived attributes, I/O setup; the first two before JAX starts its backends
 parallel.pin_platform(device)
 backends.setup_cpu(device, n_layer, n_embd, gradient_accumulation_steps * batch_size)
-parallel.start_processes(coordinator_address, num_processes, process_id, backend, config, may_differ=(
-    'out_dir', 'dataset', 'coordinator_address', 'num_processes', 'process_id', 'wandb_log',
-    'wandb_project', 'wandb_run_name'))
+parallel.start_processes(coordinator_address, num_processes, process_id, backend, config)
 master_process = jax.process_index() == 0 # this process will do logging, checkpointing etc.
 devices = parallel.select_devices(device)
 dtype = config['dtype'] = parallel.select_dtype(dtype, devices[0].platform)
@@ -158,9 +156,8 @@ try:
             model_args[k] = ckpt_meta['model_args'][k]
         model_args['activation'] = ckpt_meta['model_args'].get('activation', 'gelu')
         if meta_vocab_size is not None and meta_vocab_size != model_args['vocab_size']:
-            die(f"{ckpt_path} has vocab_size {model_args['vocab_size']} but {data_dir} has "
-                f"{meta_vocab_size}: it was trained on another dataset (--dataset) or the data were "
-                f"prepared again")
+            die(f"{ckpt_path} has vocab_size {model_args['vocab_size']} but {data_dir} has {meta_vocab_size}: "
+                f"it was trained on another dataset (--dataset) or the data were prepared again")
         gptconf = GPTConfig(**model_args)
         params = params_from_arrays(ckpt_arrays)
         if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, param_shapes(gptconf)):
@@ -168,8 +165,7 @@ try:
         iter_num = ckpt_meta['iter_num']
         best_val_loss = ckpt_meta['best_val_loss']
         if ckpt_meta.get('seed', seed) != seed:
-            print(f"using the checkpoint's seed {ckpt_meta['seed']} (not {seed}) so batches continue "
-                  f"where they left off")
+            print(f"using the checkpoint's seed {ckpt_meta['seed']} (not {seed}): batches continue")
             seed = config['seed'] = ckpt_meta['seed']
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
@@ -192,8 +188,7 @@ if block_size < gptconf.block_size:
     params, gptconf = crop_block_size(params, gptconf, block_size)
     model_args['block_size'] = block_size # so that the checkpoint will have the right value
 elif block_size > gptconf.block_size:
-    die(f"block_size={block_size} is longer than the model's {gptconf.block_size} "
-        f"(init_from={init_from!r})")
+    die(f"block_size={block_size} is longer than the model's {gptconf.block_size} (init_from={init_from!r})")
 gptconf.remat = remat # how the step computes, not the model: not in model_args
 num_params = get_num_params(param_shapes(gptconf))
 print(f"number of parameters: {num_params/1e6:.2f}M")
@@ -287,10 +282,7 @@ def stop_diverged(it, what):
 
 # logging
 if wandb_log and master_process:
-    try:
-        import wandb
-    except ImportError:
-        die("wandb_log=True but wandb is not installed: pip install wandb")
+    import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # training loop
@@ -320,9 +312,8 @@ while True:
                 save(state, iter_num, best_val_loss)
     if iter_num == 0 and eval_only:
         if master_process:
-            print(f"eval_only: train loss {losses['train']:.4f} (perplexity "
-                  f"{training.perplexity(losses['train']):.2f}), val loss {losses['val']:.4f} "
-                  f"(perplexity {training.perplexity(losses['val']):.2f})")
+            print("eval_only: " + ", ".join(f"{k} loss {v:.4f} (perplexity {training.perplexity(v):.2f})"
+                                            for k, v in losses.items()))
         break
 
     # forward, backward over every micro-batch, the mean gradient and the update, in one compiled call

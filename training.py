@@ -261,7 +261,7 @@ def other_settings(gptconf, tx, devices, accumulation, batch_size, dtype, seed, 
         if not s or str(s) in seen:
             continue
         seen.add(str(s))
-        n = dict(fsdp=fsdp, batch_size=batch_size, gradient_accumulation_steps=accumulation, **s)
+        n = {**dict(fsdp=fsdp, batch_size=batch_size, gradient_accumulation_steps=accumulation), **s}
         try:
             mesh = parallel.make_mesh(devices, n['fsdp'])
             step = compile_steps(dataclasses.replace(gptconf, remat=s.get('remat', gptconf.remat)), tx,
