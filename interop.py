@@ -1,10 +1,8 @@
-"""Converts checkpoints to and from nanoGPT's ckpt.pt and Hugging Face's GPT-2, AdamW state too.
-
-AdamW's state travels as 'adamw.exp_avg.<name>', 'adamw.exp_avg_sq.<name>' (torch layout),
-'adamw.step' and 'adamw.lr'; torch is imported only where a ckpt.pt is read or written."""
+"""Checkpoints to and from nanoGPT's ckpt.pt (AdamW state as 'adamw.*') and Hugging Face GPT-2."""
 import pickle
 import re
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import jax
@@ -13,110 +11,74 @@ from checkpoint import CheckpointError, model_config
 from model import TRANSPOSED, param_shapes, to_torch_name
 
 NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
-GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos token
-_MOMENTS = {'mu': 'exp_avg', 'nu': 'exp_avg_sq'}  # optax's AdamW moments -> torch.optim.AdamW's
-_OPTAX_MOMENT = re.compile(r"^(optimizer.*)\.(mu|nu)\['([^']+)'\]\['([^']+)'\]$")
-_LR = "optimizer.hyperparams['learning_rate']"
-
+_MOMENTS = {'mu': 'exp_avg', 'nu': 'exp_avg_sq'}  # optax's AdamW moments -> torch's
 
 def require_torch(what):
     try:
         import torch
-    except ImportError:  # torch is needed for a ckpt.pt only, not at run time
+    except ImportError:
         raise CheckpointError(f"{what} needs PyTorch: pip install torch") from None
     return torch
-
 
 def _torch_layout(name, a):  # torch's nn.Linear is (out, in); Haiku's and HF's Conv1D (in, out)
     return a.T if name.endswith(TRANSPOSED) else a
 
-
-def nanogpt_names(config):
-    """nanoGPT's named_parameters() order (wte once: lm_head is tied), its AdamW state's too."""
-    blocks = [f'h.{i}.{m}' for i in range(config.n_layer)
-              for m in ('ln_1', 'attn.c_attn', 'attn.c_proj', 'ln_2', 'mlp.c_fc', 'mlp.c_proj')]
-    params = ('weight', 'bias') if config.bias else ('weight',)
-    return (['transformer.wte.weight', 'transformer.wpe.weight']
-            + [f'transformer.{m}.{p}' for m in blocks + ['ln_f'] for p in params])
-
-
-def _torch_shapes(config):
-    """{nanoGPT name: shape in torch layout} of config's parameters."""
+def nanogpt_shapes(config):
+    """{name: torch shape} in nanoGPT's named_parameters() order, its AdamW state's (wte once)."""
     shapes = {to_torch_name(m, n): s.shape for m, p in param_shapes(config).items()
               for n, s in p.items()}
-    return {k: s[::-1] if k.endswith(TRANSPOSED) else s for k, s in shapes.items()}
-
+    blocks = [f'h.{i}.{m}' for i in range(config.n_layer)
+              for m in ('ln_1', 'attn.c_attn', 'attn.c_proj', 'ln_2', 'mlp.c_fc', 'mlp.c_proj')]
+    names = ['transformer.wte.weight', 'transformer.wpe.weight'] + [f'transformer.{m}.{p}'
+             for m in blocks + ['ln_f'] for p in ('weight', 'bias')[:1 + config.bias]]
+    return {n: shapes[n][::-1] if n.endswith(TRANSPOSED) else shapes[n] for n in names}
 
 def load_nanogpt(path):
-    """(arrays, meta) of nanoGPT's ckpt.pt: weights 'model.<name>', AdamW state 'adamw.*'; its
-    model_args get activation 'gelu', since nanoGPT's GPT computes the exact GELU."""
+    """(arrays, meta) of nanoGPT's ckpt.pt; load_checkpoint words a torn file's errors."""
     torch = require_torch("reading a nanoGPT ckpt.pt")
     try:
-        with warnings.catch_warnings():  # its pickle-protocol warning would be a second line
-            warnings.simplefilter('ignore')
+        with warnings.catch_warnings(action='ignore'):  # a pickle-protocol warning: a second line
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # say why, in one line
-        named = re.search(r'GLOBAL ([\w.]+)', str(e))
-        op = re.search(r'Unsupported operand (\d+)', str(e))
-        why = (f"it names {named[1]}" if named else f"it holds pickle opcode {op[1]}" if op
+        m = re.search(r'GLOBAL ([\w.]+)|Unsupported operand (\d+)', str(e))
+        why = (f"it names {m[1]}" if m and m[1] else f"it holds pickle opcode {m[2]}" if m
                else "it holds more than tensors and plain containers")
-        why += ", and torch.load(weights_only=True) takes only tensors and plain containers"
-        raise CheckpointError(f"refusing to load {path}: {why}; nothing in it was run") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path} ({e}): check it is a readable file") from None
-    except Exception as e:  # EOFError for an empty file, RuntimeError for a torn zip archive, ...
-        why = ' '.join(str(e).split())[:160]
-        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint "
-                              f"({type(e).__name__}{': ' + why if why else ''})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict)
-            and isinstance(ckpt.get('model_args'), dict)):
-        raise CheckpointError(f"{path} is not nanoGPT's: it has no 'model' and 'model_args'")
-    args = ckpt['model_args']
-    ints = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
-    if any(type(args.get(k)) is not int for k in ints) or not isinstance(args.get('bias'), bool):
-        raise CheckpointError(f"{path}: its model_args {args} lack nanoGPT's integer "
-                              f"{', '.join(ints)} and bool bias")
+        raise CheckpointError(f"refusing to load {path}: {why}, which torch.load(weights_only="
+                              f"True) does not take; nothing in it was run") from None
+    args = ckpt.get('model_args') if isinstance(ckpt, dict) and 'model' in ckpt else None
+    if not (isinstance(args, dict) and isinstance(ckpt['model'], dict) and all(type(args.get(k))
+            is (bool if k == 'bias' else int) for k in NANOGPT_MODEL_ARGS if k != 'dropout')):
+        raise CheckpointError(f"{path} is not nanoGPT's: no 'model' and 'model_args' with int "
+                              f"n_layer, n_head, n_embd, block_size, vocab_size and bool bias")
     given = {k: args[k] for k in NANOGPT_MODEL_ARGS if k in args}
-    model_args = {'dropout': 0.0, **given, 'activation': 'gelu'}
-    config = model_config(model_args, path)
-    names, shapes, gpt = nanogpt_names(config), _torch_shapes(config), f"nanoGPT's GPT of {given}"
-    sd = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}  # torch.compile's
-    weights = {k: v for k, v in sd.items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
-    for name, w in weights.items():
-        if name not in shapes and name != 'lm_head.weight' or not torch.is_tensor(w):
-            raise CheckpointError(f"{path}: {name} is not a weight tensor of {gpt}")
+    model_args = {'dropout': 0.0, **given, 'activation': 'gelu'}  # nanoGPT's GELU is exact
+    shapes, gpt = nanogpt_shapes(model_config(model_args, path)), f"nanoGPT's GPT of {given}"
+    weights = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()  # torch.compile's
+               if not k.endswith(('.attn.bias', '.attn.masked_bias'))}  # torch < 2's causal mask
     lm_head = weights.pop('lm_head.weight', None)
-    for name in names:  # in nanoGPT's order: a wrong n_embd is named at wte
-        if name not in weights:
-            raise CheckpointError(f"{path} lacks {name}, a weight of {gpt}")
-        if tuple(weights[name].shape) != shapes[name]:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(weights[name].shape)}, "
-                                  f"but {shapes[name]} in {gpt}")
+    for name in [*shapes, *(n for n in weights if n not in shapes)]:  # a bad n_embd named at wte
+        w = weights.get(name)
+        got = f'shape {tuple(w.shape)}' if torch.is_tensor(w) else 'no tensor'
+        want = f'shape {shapes[name]}' if name in shapes else 'no such weight'
+        if got != want:
+            raise CheckpointError(f"{path}: {name} has {got}; {gpt} has {want}")
     if lm_head is not None and not torch.equal(lm_head, weights['transformer.wte.weight']):
         raise CheckpointError(f"{path}: lm_head.weight differs from wte's (nanoGPT ties them)")
     arrays = {'model.' + k: v.detach().float().numpy() for k, v in weights.items()}
     if ckpt.get('optimizer'):
-        arrays.update(adamw_from_torch(torch, ckpt['optimizer'], names, shapes, path))
+        arrays.update(adamw_from_torch(torch, ckpt['optimizer'], shapes, path))
     cfg = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}
-    try:  # nanoGPT saves best_val_loss as a 0-d tensor
-        meta = {'model_args': model_args, 'iter_num': int(ckpt.get('iter_num', 0)),
-                'best_val_loss': float(ckpt.get('best_val_loss', 1e9)), 'config': cfg}
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: unreadable iter_num or best_val_loss ({e})") from None
+    meta = {'model_args': model_args, 'iter_num': int(ckpt.get('iter_num', 0)),
+            'best_val_loss': float(ckpt.get('best_val_loss', 1e9)), 'config': cfg}  # a 0-d tensor
     if isinstance(cfg.get('seed'), int):  # one exported from here: its batches continue the same
         meta['seed'] = cfg['seed']
     return arrays, meta
 
-
-def adamw_from_torch(torch, state_dict, names, shapes, path):
-    """torch.optim.AdamW's state_dict over nanoGPT's two groups (the >= 2-D parameters, decayed,
-    then the rest, each in named_parameters order) -> 'adamw.*' arrays; {} if it never stepped."""
-    groups = [[n for n in names if len(shapes[n]) >= 2], [n for n in names if len(shapes[n]) < 2]]
-    try:
-        ids = [list(g['params']) for g in state_dict['param_groups']]
-        state, lr = state_dict['state'], float(state_dict['param_groups'][0]['lr'])
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise CheckpointError(f"{path}: its optimizer is not a torch state_dict") from None
+def adamw_from_torch(torch, state_dict, shapes, path):
+    """'adamw.*' of torch AdamW's state_dict over nanoGPT's two groups; {} if it never stepped."""
+    groups = [[n for n, s in shapes.items() if (len(s) >= 2) == d] for d in (True, False)]
+    ids = [list(g['params']) for g in state_dict['param_groups']]  # else load_checkpoint says so
+    state, lr = state_dict['state'], float(state_dict['param_groups'][0]['lr'])
     if [len(i) for i in ids] != [len(g) for g in groups]:
         raise CheckpointError(f"{path}: its optimizer's groups have {[len(i) for i in ids]} "
                               f"parameters, not nanoGPT's {[len(g) for g in groups]}")
@@ -124,107 +86,88 @@ def adamw_from_torch(torch, state_dict, names, shapes, path):
         return {}
     out, steps = {}, set()
     for name, i in zip(groups[0] + groups[1], ids[0] + ids[1]):
-        s = state.get(i) if isinstance(state.get(i), dict) else {}
-        fits = [torch.is_tensor(s.get(k)) and tuple(s[k].shape) == shapes[name]
-                for k in ('exp_avg', 'exp_avg_sq')]
-        if 'step' not in s or not all(fits):
+        s = state.get(i, {})
+        moments = {k: s.get(k) for k in _MOMENTS.values()}
+        if 'step' not in s or not all(torch.is_tensor(m) and m.shape == shapes[name]
+                                      for m in moments.values()):
             raise CheckpointError(f"{path}: its optimizer has no AdamW state (step, exp_avg, "
                                   f"exp_avg_sq of shape {shapes[name]}) for {name}")
-        out.update({f'adamw.{k}.{name}': s[k].detach().float().numpy() for k in _MOMENTS.values()})
+        out.update({f'adamw.{k}.{name}': m.float().numpy() for k, m in moments.items()})
         steps.add(float(s['step']))
     step = steps.pop()
     if steps or not step.is_integer():
         raise CheckpointError(f"{path}: its AdamW parameters differ in step count: not resumable")
     return {**out, 'adamw.step': np.asarray(int(step), np.int64), 'adamw.lr': np.asarray(lr)}
 
-
-def adamw_from_optax(arrays):
-    """Our flattened optax AdamW state -> 'adamw.*' arrays."""
-    out = {}
-    for key, value in arrays.items():
-        m = _OPTAX_MOMENT.match(key)
-        if m:
-            name = to_torch_name(m[3], m[4])
-            out[f'adamw.{_MOMENTS[m[2]]}.{name}'] = _torch_layout(name, value)
-            out['adamw.step'] = arrays.get(m[1] + '.count')  # AdamW's own count (bias correction)
-    if out:
-        out['adamw.lr'] = arrays.get(_LR)
-        if out['adamw.step'] is None or out['adamw.lr'] is None:
-            raise CheckpointError("the checkpoint's AdamW state lacks step count or learning rate")
-    return out
-
+def _adamw_name(key):  # an optax AdamW state key's 'adamw.*' name, None for others
+    m = re.match(r"optimizer.*\.(mu|nu)\['([^']+)'\]\['([^']+)'\]$", key)
+    if m:
+        return f'adamw.{_MOMENTS[m[1]]}.{to_torch_name(m[2], m[3])}'
+    if key == "optimizer.hyperparams['learning_rate']":
+        return 'adamw.lr'
+    return 'adamw.step' if key.endswith('.count') else None  # inject_hyperparams' and AdamW's
 
 def adamw_to_optax(template, arrays, path):
-    """'adamw.*' arrays -> the flattened optax state of template (optimizer.init's)."""
+    """'adamw.*' as flattened optax state in template's structure (optimizer.init's)."""
     out = {}
     for kp, _ in jax.tree_util.tree_flatten_with_path(template)[0]:
         key = 'optimizer' + jax.tree_util.keystr(kp)
-        m = _OPTAX_MOMENT.match(key)
-        if m:
-            name = to_torch_name(m[3], m[4])
-            out[key] = _torch_layout(name, arrays[f'adamw.{_MOMENTS[m[2]]}.{name}'])
-        elif key.endswith('.count'):  # inject_hyperparams' and AdamW's: both count the steps taken
-            out[key] = arrays['adamw.step']
-        elif key == _LR:
-            out[key] = arrays['adamw.lr']
-        else:
+        name = _adamw_name(key)
+        if not name:
             raise CheckpointError(f"{path}: torch's AdamW state has nothing for {key}")
+        out[key] = _torch_layout(name, arrays[name])
     return out
 
+def _weights(arrays, meta, zero_bias=False):
+    """(config, {nanoGPT name: float32 array}); zero_bias: GPT-2's, which always has biases."""
+    config = model_config(meta.get('model_args'))
+    out = {}
+    for name, shape in nanogpt_shapes(replace(config, bias=config.bias or zero_bias)).items():
+        value = arrays.get('model.' + name)
+        if value is None and name.endswith('.bias') and not config.bias:
+            value = np.zeros(shape, np.float32)
+        if np.shape(value) != shape:
+            got = 'missing' if value is None else np.shape(value)
+            raise CheckpointError(f"the checkpoint's {name} is {got}, not {shape}")
+        out[name] = np.array(value, np.float32)  # a copy: torch wants it writable
+    return config, out
 
 def to_nanogpt(arrays, meta):
-    """nanoGPT's checkpoint dict for torch.save: state_dict (lm_head.weight the wte tensor), AdamW
-    state_dict over its two groups (made by torch), model_args, iter_num, best_val_loss, config."""
+    """nanoGPT's checkpoint dict for torch.save, its AdamW state_dict made by torch."""
     torch = require_torch("writing nanoGPT's ckpt.pt")
-    names = nanogpt_names(model_config(meta.get('model_args')))
-    missing = [n for n in names if 'model.' + n not in arrays]
-    if missing:
-        raise CheckpointError(f"the checkpoint lacks the weight {missing[0]}")
-    tensor = lambda a: torch.from_numpy(np.array(a, np.float32))  # a copy: torch wants it writable
-    model = {n: tensor(arrays['model.' + n]) for n in names}
-    model['lm_head.weight'] = model['transformer.wte.weight']  # tied: stored once by torch.save
+    params = {n: torch.from_numpy(a) for n, a in _weights(arrays, meta)[1].items()}
     cfg = meta.get('config', {})
     if cfg.get('optimizer', 'adamw') != 'adamw':  # nanoGPT has AdamW only
         print(f"note: nanoGPT has no {cfg['optimizer']}: the ckpt.pt gets a fresh AdamW state")
         adamw, cfg = {}, {**cfg, 'optimizer': 'adamw'}
-    else:
-        adamw = arrays if 'adamw.step' in arrays else adamw_from_optax(arrays)
-    scalar = lambda key, default: float(np.asarray(adamw[key]).reshape(())) if adamw else default
-    groups = [{'params': [model[n] for n in names if model[n].dim() >= 2],
-               'weight_decay': cfg.get('weight_decay', 0.1)},
-              {'params': [model[n] for n in names if model[n].dim() < 2], 'weight_decay': 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=scalar('adamw.lr', cfg.get('learning_rate', 6e-4)),
+    else:  # a ckpt.pt's 'adamw.*', or ours under optax's names
+        ours = {k: _adamw_name(k) for k in arrays}
+        adamw = {**arrays, **{n: _torch_layout(n, arrays[k]) for k, n in ours.items() if n}}
+    lr, step = ([float(np.asarray(adamw[k]).reshape(())) for k in ('adamw.lr', 'adamw.step')]
+                if 'adamw.step' in adamw else (cfg.get('learning_rate', 6e-4), 0))
+    decay, rest = ([p for p in params.values() if (p.dim() >= 2) == d] for d in (True, False))
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.get('weight_decay', 0.1)},
+                                   {'params': rest, 'weight_decay': 0.0}], lr=lr,
                                   betas=(cfg.get('beta1', 0.9), cfg.get('beta2', 0.95)))
-    if scalar('adamw.step', 0) > 0:  # torch keeps no state for a parameter never stepped
-        for n in names:
-            optimizer.state[model[n]] = {'step': torch.tensor(scalar('adamw.step', 0)),
-                                         'exp_avg': tensor(adamw[f'adamw.exp_avg.{n}']),
-                                         'exp_avg_sq': tensor(adamw[f'adamw.exp_avg_sq.{n}'])}
+    moment = lambda k, n: torch.from_numpy(np.array(adamw[f'adamw.{k}.{n}'], np.float32))
+    if step > 0:  # torch keeps no state for a parameter never stepped
+        for n, p in params.items():
+            optimizer.state[p] = {'step': torch.tensor(step),
+                                  **{k: moment(k, n) for k in _MOMENTS.values()}}
+    model = {**params, 'lm_head.weight': params['transformer.wte.weight']}  # tied: saved once
     return {'model': model, 'optimizer': optimizer.state_dict(), 'config': dict(cfg),
             'model_args': {k: meta['model_args'][k] for k in NANOGPT_MODEL_ARGS},
             'iter_num': int(meta.get('iter_num', 0)),
             'best_val_loss': float(meta.get('best_val_loss', 1e9))}
 
-
 def to_hf(arrays, meta):
-    """(config.json, model.safetensors' arrays) of a transformers GPT2LMHeadModel computing this
-    model: zero biases where bias=False (GPT-2 always has them), the vocabulary kept, padded or
-    not, no lm_head.weight (tied to wte), as save_pretrained writes."""
-    config = model_config(meta.get('model_args'))
-    tensors = {}
-    for name, shape in _torch_shapes(model_config({**meta['model_args'], 'bias': True})).items():
-        value = arrays.get('model.' + name)
-        if value is None and name.endswith('.bias') and not config.bias:
-            value = np.zeros(shape, np.float32)
-        if value is None or np.shape(value) != shape:
-            got = 'missing' if value is None else np.shape(value)
-            raise CheckpointError(f"the checkpoint's {name} is {got}, not {shape}")
-        tensors[name] = np.ascontiguousarray(_torch_layout(name, np.asarray(value, np.float32)))
-    eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None  # a character vocabulary has none
-    hf = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=config.vocab_size,
-              n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-              n_head=config.n_head, activation_function=config.activation,  # gelu or gelu_new
-              resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-              layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=eot,
-              eos_token_id=eot)
-    return hf, tensors
+    """(config.json, model.safetensors) as GPT2LMHeadModel's save_pretrained writes them."""
+    config, weights = _weights(arrays, meta, zero_bias=True)
+    tensors = {n: np.ascontiguousarray(_torch_layout(n, a)) for n, a in weights.items()}
+    eot = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if it has one
+    c, p = config, config.dropout
+    return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size,
+                n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                activation_function=c.activation, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+                layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=eot,
+                eos_token_id=eot), tensors
