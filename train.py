@@ -16,6 +16,7 @@ import tempfile
 
 import numpy as np
 import jax
+from tqdm import tqdm
 
 from model import GPTConfig, param_shapes, get_num_params, crop_block_size, from_pretrained, \
     estimate_mfu
@@ -23,7 +24,7 @@ from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpo
     params_from_arrays, state_arrays, restore_state, describe
 import backends
 import parallel
-from cli import die, on_interrupt, Progress
+from cli import die, on_interrupt
 import training
 
 # -----------------------------------------------------------------------------
@@ -218,10 +219,9 @@ tx = training.configure_optimizers(param_shapes(gptconf), weight_decay, learning
 # compile ahead of time, on shapes only: nothing is allocated until XLA says it fits
 print("compiling the training step...")
 eval_batches = -(-eval_iters // ranks) * ranks # in whole steps of `ranks`; the padding is left out
-eval_progress = Progress('eval', disable=not master_process) # a bar when an eval runs long
 try:
     compiled = training.compile_steps(gptconf, tx, mesh, gradient_accumulation_steps, batch_size, dtype,
-                                      seed, eval_iters, params is None, eval_progress)
+                                      seed, eval_iters, params is None)
 except Exception as e: # XLA lacks some half-precision ops on some platforms (e.g. float16 dots on CPU)
     if dtype == 'float32':
         raise # a float32 step that does not compile is a bug: show all of it
@@ -253,11 +253,10 @@ params = ckpt_arrays = None # free up memory: the devices hold the state now
 def estimate_loss(params):
     out = {}
     for split in ['train', 'val']:
-        eval_progress.start(eval_batches // ranks, f"eval {split}")
         x, y = get_batch(split, 'val' if split == 'val' else 'eval_train', iter_num, eval_batches)
-        out[split] = float(parallel.local_value(eval_step(params, *parallel.put_batch((x, y), mesh))))
-        out[split] /= eval_iters
-        eval_progress.close()
+        x, y = parallel.put_batch((x, y), mesh)
+        steps = tqdm(range(eval_batches // ranks), f"eval {split}", delay=2, leave=False, disable=not master_process)
+        out[split] = sum(float(parallel.local_value(eval_step(params, x, y, np.int32(k)))) for k in steps) / eval_iters
     return out
 
 # learning rate decay scheduler (cosine with warmup)

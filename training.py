@@ -14,7 +14,6 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import io_callback
 import haiku as hk
 import jmp
 import optax
@@ -195,25 +194,16 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
 
     return train_step
 
-def make_eval_step(gptconf, ranks, n_batches, progress=None):
-    """eval_step(params, x, y) -> the sum of the first n_batches batches' mean losses (as arranged),
-    no dropout (model.eval()'s role); progress (a cli.Progress) is told the steps done."""
+def make_eval_step(gptconf, ranks, n_batches):
+    """eval_step(params, x, y, k) -> the sum of step k's mean losses over its batches that count (the
+    first n_batches, as arranged), no dropout (model.eval()'s role)."""
     forward = model.gpt_forward(gptconf)
 
-    def eval_step(params, x_KNT: Int[Array, "K N T"], y_KNT: Int[Array, "K N T"]):
+    def eval_step(params, x_KNT: Int[Array, "K N T"], y_KNT: Int[Array, "K N T"], k):
         K, _, T = x_KNT.shape
-
-        def one(carry, xs):
-            total, report = carry
-            k, x_NT, y_NT = xs
-            loss = lambda x_BT, y_BT: forward.apply(params, None, x_BT, y_BT)[1]
-            loss_R = over_ranks(loss, ranks, *(a.reshape(ranks, -1, T) for a in (x_NT, y_NT)))
-            total += jnp.sum(jnp.where(jnp.arange(ranks) * K + k < n_batches, loss_R, 0.0))
-            if progress is not None:
-                call = lambda: io_callback(progress, jax.ShapeDtypeStruct((), jnp.int32), k + 1)
-                report = lax.cond(k + 1 >= report, call, lambda: report)
-            return (total, report), None
-        return lax.scan(one, (jnp.float32(0.0), jnp.int32(1)), (jnp.arange(K), x_KNT, y_KNT))[0][0]
+        loss = lambda x_BT, y_BT: forward.apply(params, None, x_BT, y_BT)[1]
+        loss_R = over_ranks(loss, ranks, *(a[k].reshape(ranks, -1, T) for a in (x_KNT, y_KNT)))
+        return jnp.sum(jnp.where(jnp.arange(ranks) * K + k < n_batches, loss_R, 0.0))
     return eval_step
 
 def train_state_shapes(gptconf, tx, dtype, seed):  # nothing allocated
@@ -223,7 +213,7 @@ def train_state_shapes(gptconf, tx, dtype, seed):  # nothing allocated
 CPU_REMAT_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 
 def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval_iters=0,
-                  from_scratch=False, progress=None):
+                  from_scratch=False):
     """{'train step', 'eval step' (if eval_iters), 'initial state' (if from_scratch): (compiled,
     seconds)}, compiled over the mesh on shapes, side by side; the state is donated."""
     micro_steps, ranks = parallel.side_by_side(accumulation, batch_size, mesh)
@@ -238,10 +228,10 @@ def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval
     jobs = {'train step': (step, (state, Batch(tokens(micro_steps), tokens(micro_steps)),
                                   shape(np.float32), shape(np.int32)))}
     if eval_iters:  # eval_iters batches in whole steps of ranks, the padding left out
-        evaluate = jax.jit(make_eval_step(gptconf, ranks, eval_iters, progress), out_shardings=same,
-                           in_shardings=(where.params, rows, rows))
+        evaluate = jax.jit(make_eval_step(gptconf, ranks, eval_iters), out_shardings=same,
+                           in_shardings=(where.params, rows, rows, same))
         steps = -(-eval_iters // ranks)
-        jobs['eval step'] = (evaluate, (state.params, tokens(steps), tokens(steps)))
+        jobs['eval step'] = (evaluate, (state.params, tokens(steps), tokens(steps), shape(np.int32)))
     if from_scratch:  # nanoGPT's initialisation and the tx's zeros, made in their shards
         initial_state = lambda key: init_train_state(model.init_params(gptconf, key), tx, dtype, seed)
         jobs['initial state'] = (jax.jit(initial_state, out_shardings=where),

@@ -1,5 +1,5 @@
 """Sampling speed, random weights: 1. the KV cache against nanoGPT's recompute; 2. a batch of
-samples against one at a time; 3. streamed against not; 4. eval with its progress bar or not."""
+samples against one at a time; 3. streamed against not."""
 import io
 import os
 import sys
@@ -14,13 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from model import GPTConfig, gpt_forward, init_params, make_generate
 import cli
-import training
 
 n_layer, n_head, n_embd, block_size, vocab_size = 4, 4, 128, 64, 65  # the README's CPU model
 prompt_len, max_new_tokens, num_samples = 1, 500, 10  # 1: sample.py's start="\n"
-eval_iters, batch_size = 200, 12  # 4.: train.py's and the README's
 pad_to = 16  # recompute's context lengths rounded up: fewer compiles
-repeats, turns, seed = 3, 8, 1337  # best of repeats; 3. and 4. take turns: a noisy host
+repeats, turns, seed = 3, 8, 1337  # best of repeats; 3. takes turns: a noisy host
 exec(open(os.path.join(REPO, 'configurator.py')).read())
 
 config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -93,12 +91,3 @@ streamer.show = lambda n, idx_BN: text.write(
 stream = started(streamer, max_new_tokens, generator(max_new_tokens, 1, on_tokens=streamer, **rule))
 table(f"3. one sample ({same(stream(), one_out[0])} tokens)", 'streamed', 'not streamed',
       (f"{max_new_tokens} new tokens", *race(stream, single), max_new_tokens))
-
-bar, shape = cli.Progress('eval', disable=True), (eval_iters, batch_size, block_size + 1)
-tokens = jax.random.randint(jax.random.PRNGKey(seed + 2), shape, 0, vocab_size)
-batches = (params, tokens[..., :-1], tokens[..., 1:])
-eval_step = lambda p: partial(jax.jit(training.make_eval_step(config, 1, eval_iters, p)), *batches)
-with_bar, without = started(bar, eval_iters, eval_step(bar)), eval_step(None)
-table(f"4. eval step ({same(with_bar(), without())} loss)", 'with its progress callback', 'without',
-      (f"{eval_iters} batches of {batch_size} x {block_size}", *race(with_bar, without),
-       tokens[..., 1:].size))

@@ -7,7 +7,8 @@ import tempfile
 
 # one persistent XLA compilation cache for the whole run, set before JAX is imported: the many train.py
 # subprocesses that compile the same tiny model's steps compile them once
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='nanogpt-xla-cache-'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # pytest-xdist's workers inherit the controller's
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='nanogpt-xla-cache-')
 os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
 
 import jaxtyping  # noqa: E402
