@@ -165,6 +165,9 @@ def local_rows(rows):  # this process's rows: its devices are consecutive in the
     return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
 
 def put_batch(tree, mesh):  # this process's rows of numpy batches -> global arrays
+    if jax.process_count() == 1:  # the same, by a much shorter path
+        return jax.device_put(tree, row_sharding(mesh))
+
     def put(a):
         shape = (a.shape[0], a.shape[1] * jax.process_count(), *a.shape[2:])
         return jax.make_array_from_process_local_data(row_sharding(mesh), a, shape)
