@@ -53,9 +53,8 @@ class Progress:
     def __init__(self, desc, every=0.25, delay=2.0, disable=False):
         self.desc, self.every, self.delay, self.disable, self.bar = desc, every, delay, disable, None
 
-    def start(self, total, desc=None):
-        self.bar = tqdm(total=total, desc=desc or self.desc, delay=self.delay, disable=self.disable,
-                        leave=False)
+    def start(self, total):
+        self.bar = tqdm(total=total, desc=self.desc, delay=self.delay, disable=self.disable, leave=False)
         self.t, self.n = time.time(), 0
 
     def __call__(self, n, *args):
