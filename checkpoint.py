@@ -66,6 +66,14 @@ def save_checkpoint(path, arrays, meta):
     os.fsync(dir_fd)  # the rename made durable
     os.close(dir_fd)
 
+def check_writable(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise ValueError(f"out_dir {out_dir!r} is not writable ({e.strerror}): choose another "
+                         f"--out_dir") from None
+
 def resume_path(out_dir):
     """Ours, else nanoGPT's ckpt.pt (ours wins once a resumed run saved)."""
     ours, pt = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, 'ckpt.pt')

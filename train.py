@@ -12,7 +12,7 @@ $ JAX_COORDINATOR_ADDRESS=123.456.123.456:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_I
 import os
 import time
 import math
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import jax
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from model import GPTConfig, param_shapes, get_num_params, crop_block_size, from_pretrained, \
     estimate_mfu
 from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpoint, resume_path, \
-    params_from_arrays, state_arrays, restore_state, describe
+    params_from_arrays, state_arrays, restore_state, describe, check_writable
 import backends
 import parallel
 from cli import die, on_interrupt
@@ -97,42 +97,31 @@ parallel.start_processes(coordinator_address, num_processes, process_id, backend
 master_process = jax.process_index() == 0 # this process will do logging, checkpointing etc.
 devices = parallel.select_devices(device)
 dtype = config['dtype'] = parallel.select_dtype(dtype, devices[0].platform)
-if not compile:
-    print("compile=False: JAX compiles the step with XLA either way; accepted for nanoGPT's flags")
 if min(gradient_accumulation_steps, batch_size, block_size, fsdp) < 1:
     die("gradient_accumulation_steps, batch_size, block_size and fsdp must be positive")
 if optimizer not in training.OPTIMIZERS:
     die(f"optimizer={optimizer!r}: use one of {', '.join(map(repr, training.OPTIMIZERS))}")
-try:
-    mesh = parallel.make_mesh(devices, fsdp)
-    micro_steps, ranks = parallel.side_by_side(gradient_accumulation_steps, batch_size, mesh)
-except ValueError as e:
-    die(e)
-if master_process:
-    try: # fail now, not at the first checkpoint hours from now
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        die(f"out_dir {out_dir!r} is not writable ({e.strerror}): choose another --out_dir")
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-print(f"tokens per iteration will be: {tokens_per_iter:,}")
-
 # poor man's data loader: windows of the token files, a pure function of (seed, iteration)
 data_dir = os.path.join('data', dataset)
 try:
+    mesh = parallel.make_mesh(devices, fsdp)
+    micro_steps, ranks = parallel.side_by_side(gradient_accumulation_steps, batch_size, mesh)
+    if master_process:
+        check_writable(out_dir) # fail now, not at the first checkpoint hours from now
     num_tokens = {s: training.count_tokens(data_dir, s, block_size) for s in ('train', 'val')}
     vocab = training.load_meta(data_dir) # attempt to derive vocab_size from the dataset
 except ValueError as e:
     die(e)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
 ckpt_path = ckpt_arrays = None # a checkpoint's optimizer state, restored once the state is made
 meta_vocab_size = vocab['vocab_size'] if vocab else None
 if vocab:
     print(f"found vocab_size = {meta_vocab_size} (inside {data_dir})")
 
-# model init
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=None, dropout=dropout, activation='gelu') # start with the command line's
+# model init: GPTConfig's fields from the settings of the same names, the rest its defaults
+model_args = {k: config[k] for k in GPTConfig.__dataclass_fields__ if k in config and k != 'remat'}
 try:
     if init_from == 'scratch':
         # init a new model from scratch
@@ -141,7 +130,6 @@ try:
         if meta_vocab_size is None:
             print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
         model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
-        gptconf = GPTConfig(**model_args)
         params = None # initialised compiled, in its shards, once XLA says the step fits
     elif init_from == 'resume' or init_from.endswith('.pt'): # out_dir's, or a nanoGPT ckpt.pt
         ckpt_path = resume_path(out_dir) if init_from == 'resume' else init_from
@@ -151,39 +139,34 @@ try:
         if saved_with != optimizer:
             die(f"{ckpt_path} holds {saved_with}'s state but optimizer={optimizer!r}: "
                 f"resume with --optimizer={saved_with}")
-        # force these config attributes to be equal otherwise we can't even resume training
-        # the rest of the attributes (e.g. dropout) can stay as desired from command line
-        for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size']:
-            model_args[k] = ckpt_meta['model_args'][k]
-        model_args['activation'] = ckpt_meta['model_args'].get('activation', 'gelu')
+        # the checkpoint's architecture, else we can't even resume training; dropout as desired
+        model_args = {**ckpt_meta['model_args'], 'dropout': dropout}
         if meta_vocab_size is not None and meta_vocab_size != model_args['vocab_size']:
             die(f"{ckpt_path} has vocab_size {model_args['vocab_size']} but {data_dir} has {meta_vocab_size}: "
                 f"it was trained on another dataset (--dataset) or the data were prepared again")
-        gptconf = GPTConfig(**model_args)
         params = params_from_arrays(ckpt_arrays)
-        if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, param_shapes(gptconf)):
-            die(f"{ckpt_path}: its parameters do not match its model_args {ckpt_meta['model_args']}")
         iter_num = ckpt_meta['iter_num']
         best_val_loss = ckpt_meta['best_val_loss']
         if ckpt_meta.get('seed', seed) != seed:
             print(f"using the checkpoint's seed {ckpt_meta['seed']} (not {seed}): batches continue")
             seed = config['seed'] = ckpt_meta['seed']
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
-        print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
-        # initialize from OpenAI GPT-2 weights
+        print(f"Initializing from pretrained weights: {init_from}")
         gptconf, params = from_pretrained(init_from, dict(dropout=dropout))
         # read off the created config params, so we can store them into checkpoint correctly
-        for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'activation']:
-            model_args[k] = getattr(gptconf, k)
+        model_args = {k: v for k, v in vars(gptconf).items() if k != 'remat'}
     else:
         die(f"init_from={init_from!r}: use 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', "
-            f"'gpt2-xl', a local GPT-2 directory or a nanoGPT ckpt.pt")
+            f"'gpt2-xl', a local Hugging Face directory or a nanoGPT ckpt.pt")
+    gptconf = GPTConfig(**model_args)
 except CheckpointError as e:
     shared = (" (every process reads the checkpoint process 0 wrote: put out_dir on a filesystem all "
               "hosts share)" if init_from == 'resume' and jax.process_count() > 1 else "")
     die(str(e) + shared)
-except (ValueError, OSError, KeyError) as e: # bad model_args, missing or unreadable weights
+except (ValueError, OSError, KeyError, TypeError) as e: # bad model_args, missing or unreadable weights
     die(f"cannot initialize from {init_from!r}: {type(e).__name__}: {e}")
+if ckpt_arrays is not None and jax.tree.map(np.shape, params) != jax.tree.map(np.shape, param_shapes(gptconf)):
+    die(f"{ckpt_path}: its parameters do not match its model_args {ckpt_meta['model_args']}")
 # crop down the model block size if desired, using model surgery
 if block_size < gptconf.block_size:
     params, gptconf = crop_block_size(params, gptconf, block_size)
@@ -222,12 +205,8 @@ eval_batches = -(-eval_iters // ranks) * ranks # in whole steps of `ranks`; the 
 try:
     compiled = training.compile_steps(gptconf, tx, mesh, gradient_accumulation_steps, batch_size, dtype,
                                       seed, eval_iters, params is None)
-except Exception as e: # XLA lacks some half-precision ops on some platforms (e.g. float16 dots on CPU)
-    if dtype == 'float32':
-        raise # a float32 step that does not compile is a bug: show all of it
-    die(f"the training step does not compile with dtype={dtype} on {devices[0].platform} "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0]}): use --dtype=float32 or "
-        f"{'float16' if dtype == 'bfloat16' else 'bfloat16'}")
+except ValueError as e:
+    die(e)
 train_step, eval_step = compiled['train step'][0], compiled['eval step'][0]
 print("compile time: " + ", ".join(f"{name} {seconds:.1f}s" for name, (_, seconds) in compiled.items())
       + ", side by side")
@@ -285,8 +264,10 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # training loop
-make_batch = lambda it: training.Batch(*get_batch('train', 'train', it, gradient_accumulation_steps))
-prefetch = training.Prefetcher(make_batch, lambda b: parallel.put_batch(b, mesh), iter_num) # first batch on its way
+train_batch = lambda it: parallel.put_batch(
+    training.Batch(*get_batch('train', 'train', it, gradient_accumulation_steps)), mesh)
+prefetch = ThreadPoolExecutor(1) # the next batch is made while a step runs (pin_memory's role)
+next_batch = prefetch.submit(train_batch, iter_num)
 t0 = time.time()
 local_iter_num = 0 # number of iterations in the lifetime of this process
 running_mfu = -1.0
@@ -316,7 +297,8 @@ while True:
         break
 
     # forward, backward over every micro-batch, the mean gradient and the update, in one compiled call
-    state, metrics = train_step(state, prefetch.get(iter_num), np.float32(get_lr(iter_num)), np.int32(iter_num))
+    batch, next_batch = next_batch.result(), prefetch.submit(train_batch, iter_num + 1)
+    state, metrics = train_step(state, batch, np.float32(get_lr(iter_num)), np.int32(iter_num))
 
     # timing and logging
     t1 = time.time()
@@ -339,6 +321,6 @@ while True:
     if iter_num > max_iters:
         break
 
-prefetch.close()
+prefetch.shutdown(wait=False, cancel_futures=True)
 if wandb_log and master_process:
     wandb.finish()

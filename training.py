@@ -1,8 +1,5 @@
-"""One training iteration and what it needs: the learning rate, the optimizers, mixed precision, the
-train state, the train and eval steps compiled over the device mesh, and the batches, which are pure
-functions of (seed, iteration): the same tokens on any device layout, and after a resume."""
-import collections
-import concurrent.futures
+"""One training iteration and what it needs: learning rate, optimizer, precision, train state, the
+steps compiled over the mesh, and batches that are pure functions of (seed, iteration)."""
 import dataclasses
 import json
 import math
@@ -47,8 +44,8 @@ OPTIMIZERS = ('adamw', 'muon')  # configure_optimizers' kinds, train.py's `optim
 
 def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0.0, kind='adamw',
                          muon_lr=0.02):
-    """nanoGPT's AdamW after clip_grad_norm_, weight decay on >= 2-D parameters, the learning rate
-    injected; kind='muon': Muon at muon_lr for the blocks' 2-D weights (c_attn as q, k, v)."""
+    """nanoGPT's AdamW after clip_grad_norm_, weight decay on >= 2-D parameters; kind='muon': Muon
+    at muon_lr for the blocks' 2-D weights (c_attn as q, k, v)."""
     leaves = jax.tree.leaves(params)
     decay = [p for p in leaves if p.ndim >= 2]
     nodecay = [p for p in leaves if p.ndim < 2]
@@ -97,7 +94,7 @@ def qkv_dimension_numbers(params):
 # mixed precision
 
 def set_precision(dtype):
-    """model.GPT computes in dtype, its parameters fp32 (autocast's role); LayerNorm's stats fp32."""
+    """model.GPT computes in dtype, its parameters fp32 (autocast's role)."""
     if dtype == 'float32':
         hk.mixed_precision.clear_policy(model.GPT)
         hk.mixed_precision.clear_policy(model.LayerNorm)
@@ -138,9 +135,8 @@ def over_ranks(fn, ranks, *args):  # fn of each micro-batch side by side (leadin
     return jax.vmap(fn)(*args) if ranks > 1 else fn(*(a[0] for a in args))[None]
 
 def make_train_step(gptconf, tx, ranks=1, sharded=False):
-    """train_step(state, batch, lr, iter_num) -> (state, metrics): forward and backward over every
-    micro-batch (lax.scan, fp32 sums), clipping, the update, float16's loss scale. metrics: 'loss',
-    'finite' (False: a float16 overflow, the step skipped as GradScaler does), 'loss_scale'."""
+    """train_step(state, batch, lr, iter_num) -> (state, metrics): every micro-batch's forward and
+    backward (lax.scan), the update, float16's loss scale (an overflow: 'finite' False, skipped)."""
     forward = model.gpt_forward(gptconf)
 
     def loss_fn(params, x_RBT: Int[Array, "R B T"], y_RBT: Int[Array, "R B T"], keys_R, scaler):
@@ -195,8 +191,7 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
     return train_step
 
 def make_eval_step(gptconf, ranks, n_batches):
-    """eval_step(params, x, y, k) -> the sum of step k's mean losses over its batches that count (the
-    first n_batches, as arranged), no dropout (model.eval()'s role)."""
+    """eval_step(params, x, y, k) -> the sum of step k's batch losses among the first n_batches."""
     forward = model.gpt_forward(gptconf)
 
     def eval_step(params, x_KNT: Int[Array, "K N T"], y_KNT: Int[Array, "K N T"], k):
@@ -214,8 +209,7 @@ CPU_REMAT_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMI
 
 def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval_iters=0,
                   from_scratch=False):
-    """{'train step', 'eval step' (if eval_iters), 'initial state' (if from_scratch): (compiled,
-    seconds)}, compiled over the mesh on shapes, side by side; the state is donated."""
+    """{'train step', 'eval step', 'initial state': (compiled, seconds)}, compiled on shapes."""
     micro_steps, ranks = parallel.side_by_side(accumulation, batch_size, mesh)
     state = train_state_shapes(gptconf, tx, dtype, seed)
     where, rows = parallel.state_sharding(state, mesh), parallel.row_sharding(mesh)
@@ -227,7 +221,7 @@ def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval
                    donate_argnums=0)
     jobs = {'train step': (step, (state, Batch(tokens(micro_steps), tokens(micro_steps)),
                                   shape(np.float32), shape(np.int32)))}
-    if eval_iters:  # eval_iters batches in whole steps of ranks, the padding left out
+    if eval_iters:  # in whole steps of ranks, the padding left out
         evaluate = jax.jit(make_eval_step(gptconf, ranks, eval_iters), out_shardings=same,
                            in_shardings=(where.params, rows, rows, same))
         steps = -(-eval_iters // ranks)
@@ -236,12 +230,18 @@ def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval
         initial_state = lambda key: init_train_state(model.init_params(gptconf, key), tx, dtype, seed)
         jobs['initial state'] = (jax.jit(initial_state, out_shardings=where),
                                  (jax.eval_shape(jax.random.PRNGKey, seed),))
-    cpu = mesh.devices.flat[0].platform == 'cpu'
-    return parallel.compile_ahead(jobs, CPU_REMAT_OPTIONS if gptconf.remat and cpu else None)
+    platform = mesh.devices.flat[0].platform
+    try:
+        return parallel.compile_ahead(jobs, CPU_REMAT_OPTIONS if gptconf.remat and platform == 'cpu' else None)
+    except Exception as e:  # XLA lacks some half-precision ops on some platforms (float16 dots on CPU)
+        if dtype == 'float32':
+            raise  # a float32 step that does not compile is a bug: show all of it
+        raise ValueError(f"the training step does not compile with dtype={dtype} on {platform} "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]}): use --dtype=float32 "
+                         f"or {'float16' if dtype == 'bfloat16' else 'bfloat16'}") from None
 
 def other_settings(gptconf, tx, devices, accumulation, batch_size, dtype, seed, fsdp):
-    """(flags, [train step], mesh) of the settings a refusing memory check lists: fsdp over every
-    device, remat, both, and batch_size halved up to 3 times (accumulation doubled)."""
+    """(flags, [train step], mesh) for a refusing memory check: fsdp, remat, smaller batches."""
     now, seen = dict(fsdp=fsdp, remat=gptconf.remat), set()
     settings = [dict(fsdp=len(devices)), dict(remat=True), dict(fsdp=len(devices), remat=True)]
     settings += [dict(batch_size=batch_size >> i, gradient_accumulation_steps=accumulation << i)
@@ -266,7 +266,7 @@ def other_settings(gptconf, tx, devices, accumulation, batch_size, dtype, seed, 
 PURPOSE = {'train': 0, 'val': 1, 'eval_train': 2}  # eval's train batches differ from the step's
 
 def count_tokens(data_dir, split, block_size):
-    """The tokens in data_dir/split.bin; ValueError when it is missing, torn or too short."""
+    """The tokens in data_dir/split.bin, checked."""
     path, prepare = os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, 'prepare.py')
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: run python {prepare} first")
@@ -280,7 +280,7 @@ def count_tokens(data_dir, split, block_size):
     return n
 
 def batch_indices(seed, purpose, it, num_tokens, block_size, shape):
-    """Window starts for iteration `it`, e.g. shape (micro-batches, batch_size)."""
+    """Window starts for iteration `it`, of shape (micro-batches, batch_size)."""
     rng = np.random.default_rng([seed, PURPOSE[purpose], it])
     return rng.integers(0, num_tokens - block_size, size=shape)
 
@@ -291,7 +291,7 @@ def arrange(a_GB, ranks):
     return a.reshape(G // ranks, ranks * B, *a_GB.shape[2:])
 
 def windows(data, starts, block_size):
-    """x, y of shape starts.shape + (block_size,); y is x shifted by one token."""
+    """x, y of shape starts.shape + (block_size,), y shifted by one token."""
     window = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
     return window[..., :-1], window[..., 1:]
 
@@ -301,7 +301,7 @@ class _PlainUnpickler(pickle.Unpickler):  # a pickle naming any class or functio
                          f"strings and ints")
 
 def load_meta(data_dir):
-    """The vocabulary {'vocab_size', 'stoi', 'itos'} of meta.json (ours) or meta.pkl (nanoGPT's)."""
+    """{'vocab_size', 'stoi', 'itos'} of meta.json (ours) or meta.pkl (nanoGPT's), else None."""
     path = next((os.path.join(data_dir, f) for f in ('meta.json', 'meta.pkl')
                  if os.path.exists(os.path.join(data_dir, f))), None)
     if path is None:
@@ -317,23 +317,3 @@ def load_meta(data_dir):
     if 'itos' in meta:  # JSON object keys are strings
         meta['itos'] = {int(i): s for i, s in meta['itos'].items()}
     return meta
-
-class Prefetcher:
-    """put(make(i)) for i = start, start + 1, ... on a thread, ahead of use (pin_memory's role)."""
-    def __init__(self, make, put, start, depth=2):
-        self._make, self._put, self._next = make, put, start
-        self._pool = concurrent.futures.ThreadPoolExecutor(1)
-        self._ahead = collections.deque(self._submit(i) for i in range(start, start + depth))
-
-    def _submit(self, i):
-        return self._pool.submit(lambda: self._put(self._make(i)))
-
-    def get(self, i):  # the thread's error, if any, is raised here
-        if i != self._next:
-            raise ValueError(f"Prefetcher: asked for iteration {i}, expected {self._next}")
-        self._next += 1
-        self._ahead.append(self._submit(i + len(self._ahead)))
-        return self._ahead.popleft().result()
-
-    def close(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -491,34 +491,6 @@ def test_put_state_and_get_state_round_trip():
     assert int(host['n']) == 7
 
 
-def test_prefetcher_hands_out_iterations_in_order_and_raises_their_errors():
-    devices = jax.devices()[:1]
-
-    def make(i):
-        if i == 5:
-            raise ValueError('bad batch 5')
-        return training.Batch(np.full((1, 2, 3), i, np.int32), np.full((1, 2, 3), -i, np.int32))
-
-    put = lambda batch: jax.device_put(batch, devices[0])
-    prefetch = training.Prefetcher(make, put, start=3)
-    try:
-        for i in (3, 4):
-            batch = prefetch.get(i)
-            assert isinstance(batch.x, jax.Array) and batch.x.devices() == set(devices)  # already on the device
-            np.testing.assert_array_equal(np.asarray(batch.x), i)
-            np.testing.assert_array_equal(np.asarray(batch.y), -i)
-        with pytest.raises(ValueError, match='bad batch 5'):  # the thread's error, raised where it is used
-            prefetch.get(5)
-    finally:
-        prefetch.close()
-    prefetch = training.Prefetcher(make, put, start=0)
-    try:
-        with pytest.raises(ValueError, match='expected 0'):
-            prefetch.get(1)
-    finally:
-        prefetch.close()
-
-
 # -----------------------------------------------------------------------------
 # train.py as a subprocess
 
