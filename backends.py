@@ -1,9 +1,5 @@
-"""
-model.py's four ops (matmul, lm_head, causal_attention, residual), each exactly its plain op, in a
-fast form where a backend runs it slowly: on XLA:CPU hand-placed weight gradients, blocked
-attention, the residual's gradient written once; on GPUs in half precision cuDNN's flash attention.
-Each gained 3% or more (BENCHMARKS.md). N: any leading dims.
-"""
+"""model.py's four ops (matmul, lm_head, causal_attention, residual), each its plain op, in a fast
+form where a backend runs that slowly; each gained 3% or more (BENCHMARKS.md). N: any leading dims."""
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -17,7 +13,7 @@ ATTENTION_BLOCK = 128  # query rows per block of the CPU's causal attention
 HOST_DEVICES_MAX_PARAMS = 30_000_000  # above this one CPU device is faster (each runs AdamW)
 
 def setup_cpu(device, n_layer, n_embd, rows):
-    """Before JAX starts: two host devices for small models; big ones keep freed buffers (True)."""
+    """Before JAX starts: two host devices for small models; big ones keep freed memory (True)."""
     small = 12 * n_layer * n_embd ** 2 <= HOST_DEVICES_MAX_PARAMS
     explicit = 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
     if not explicit and 'JAX_NUM_CPU_DEVICES' not in os.environ:
@@ -35,7 +31,7 @@ def setup_cpu(device, n_layer, n_embd, rows):
     return all(mallopt(k, v) == 1 for k, v in ((-8, 1), (-4, 0), (-1, -1)))
 
 def on_cpu():
-    """Whether the XLA:CPU paths apply (--device=cpu makes the CPU JAX's default backend)."""
+    """Whether the XLA:CPU paths apply."""
     return jax.default_backend() == 'cpu'
 
 def _custom_grad(fn, grad):
@@ -63,7 +59,7 @@ _cpu_residual = _custom_grad(lambda x: x, lambda x, g: (
     g / ((x == x).astype(g.dtype) + (x != x).astype(g.dtype)),))
 
 def residual(x):
-    """x; on the CPU its gradient, the layers above's sum, is stored once, not in each LayerNorm."""
+    """x; on the CPU its gradient (the layers above's sum) is stored once, not per LayerNorm."""
     return _cpu_residual(x) if on_cpu() else x
 
 def causal_attention(q_BTHD, k_BTHD, v_BTHD):
@@ -81,7 +77,7 @@ def causal_attention(q_BTHD, k_BTHD, v_BTHD):
     return jax.nn.dot_product_attention(*qkv, is_causal=True)
 
 def blocked_causal_attention(q_BTHD, k_BTHD, v_BTHD, block):
-    """Causal attention `block` queries at a time, the masked blocks never computed; fp32 scores."""
+    """Causal attention `block` queries at a time, masked blocks skipped; fp32 scores."""
     heads_first = lambda a: a.transpose(0, 2, 1, 3)  # BTHD <-> BHTD
     return heads_first(_blocked_attention(*map(heads_first, (q_BTHD, k_BTHD, v_BTHD)), block))
 

@@ -1,5 +1,5 @@
-"""Our checkpoint, atomic and pickle-free: safetensors arrays 'model.<nanoGPT name>' (torch layout,
-no lm_head) and 'optimizer<key path>', the rest JSON, a sha256 over both."""
+"""Our checkpoint file: safetensors arrays ('model.<nanoGPT name>', 'optimizer<key path>'), the rest
+JSON, a sha256 over both, written atomically."""
 import contextlib
 import fcntl
 import fnmatch
@@ -75,7 +75,7 @@ def check_writable(out_dir):
                          f"--out_dir") from None
 
 def resume_path(out_dir):
-    """Ours, else nanoGPT's ckpt.pt (ours wins once a resumed run saved)."""
+    """Ours, else nanoGPT's ckpt.pt."""
     ours, pt = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, 'ckpt.pt')
     return pt if not os.path.exists(ours) and os.path.exists(pt) else ours
 
@@ -109,7 +109,7 @@ def model_config(model_args, path='the checkpoint'):
         raise CheckpointError(f"{path}: bad model_args {model_args} ({e})") from None
 
 def load_model(path):
-    """(arrays, meta, config, data dir, vocabulary or None), for sample.py and export.py."""
+    """(arrays, meta, config, data dir, vocabulary or None)."""
     arrays, meta = load_checkpoint(path)
     config = model_config(meta.get('model_args'), path)
     dataset = meta.get('config', {}).get('dataset')
@@ -121,7 +121,7 @@ def load_model(path):
     return arrays, meta, config, data_dir, vocab
 
 def describe(out_dir, state):
-    """A stopping run's last words: 'the checkpoint in out (iter 250) is <state>'."""
+    """'the checkpoint in out (iter 250) is <state>'."""
     path = os.path.join(out_dir, CKPT_NAME)
     if not os.path.exists(path):
         return "no checkpoint was written"
@@ -159,7 +159,7 @@ def state_arrays(state):
             **flatten(state.loss_scale, 'loss_scale')}
 
 def restore_state(state, arrays, path):
-    """state, made from a checkpoint's parameters, with its optimizer state and loss scale."""
+    """state with a checkpoint's optimizer state and loss scale."""
     if 'adamw.step' in arrays:  # a ckpt.pt's torch AdamW
         from interop import adamw_to_optax
         arrays = adamw_to_optax(state.opt_state, arrays, path)

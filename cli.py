@@ -20,8 +20,8 @@ def die(msg):
     sys.exit(1)
 
 def exit_alone(code):
-    """Leaves now, without exit handlers: jax.distributed's wait up to 5 minutes for every process.
-    Process 0 hosts the coordinator, so it leaves a moment after the others."""
+    """Leaves now, without exit handlers (jax.distributed's wait minutes for every process); process
+    0 hosts the coordinator, so it leaves last."""
     sys.stdout.flush()
     sys.stderr.flush()
     if jax.distributed.is_initialized() and jax.process_index() == 0:
@@ -29,9 +29,8 @@ def exit_alone(code):
     os._exit(code)
 
 def on_interrupt(describe):
-    """Ctrl-C from here on, wherever it lands: `error: describe()` and exit status 130 within a
-    moment. Python runs its own handlers only between bytecodes, never inside a compiled call, so
-    the signal's byte goes down a pipe (set_wakeup_fd, written at C level) to a thread that exits."""
+    """Ctrl-C from here on, anywhere: `error: describe()`, exit status 130. Python's handlers run only
+    between bytecodes, not in a compiled call: set_wakeup_fd's byte wakes a thread that exits."""
     read, write = os.pipe()
     os.set_blocking(write, False)
     signal.signal(signal.SIGINT, lambda *_: None)  # the watcher does the work
@@ -46,9 +45,8 @@ def on_interrupt(describe):
     threading.Thread(target=watch, daemon=True).start()
 
 class Progress:
-    """A tqdm bar fed by a host callback from inside a compiled loop: called with the steps done, it
-    returns the step at which it wants to be called next, ~`every` seconds on (each call stalls the
-    loop). The bar shows once the work has run `delay` seconds. start(total) before a run, close() after."""
+    """A tqdm bar fed by a host callback from a compiled loop: called with the steps done, it returns
+    the step to be called at next, ~`every` seconds on. start(total) before a run, close() after."""
 
     def __init__(self, desc, every=0.25, delay=2.0, disable=False):
         self.desc, self.every, self.delay, self.disable, self.bar = desc, every, delay, disable, None

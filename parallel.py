@@ -1,5 +1,5 @@
-"""Where a run computes: its processes, devices and dtype, one device mesh with the arrays' layouts
-on it (data parallel and fsdp alike), and compiling on shapes against the devices' memory."""
+"""Where a run computes: its processes, devices, dtype, one mesh with the arrays' layouts on it, and
+compiling on shapes against the devices' memory."""
 import concurrent.futures
 import math
 import os
@@ -25,8 +25,8 @@ SETTINGS_THAT_MAY_DIFFER = ('out_dir', 'dataset', 'coordinator_address', 'num_pr
 
 def start_processes(coordinator_address, num_processes, process_id, backend, config,
                     may_differ=SETTINGS_THAT_MAY_DIFFER):
-    """Joins a multi-process run (torchrun's role; defaults from JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES, JAX_PROCESS_ID) and checks that every process got the same settings."""
+    """Joins a multi-process run (torchrun's role, JAX_* variables as defaults), the same settings
+    in every process."""
     coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
     try:
         num_processes = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', '1'))
@@ -61,7 +61,7 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
             f"{reason}; {hint}")
 
     def excepthook(kind, value, tb, default=sys.excepthook):
-        # when one process stops, a collective fails in every other (its own error is in its output)
+        # when one process stops, a collective fails in every other
         if isinstance(value, jax.errors.JaxRuntimeError):
             print(f"error: process {jax.process_index()} of {jax.process_count()}: "
                   f"{str(value).strip().splitlines()[0]}; if another process stopped first, its output "
@@ -80,7 +80,7 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
             f"run the same command on every host")
 
 def select_devices(device):
-    """Every process's devices of a platform ('cuda' falls back to JAX's default), or one ('cuda:1')."""
+    """Every process's devices of a platform, or one ('cuda:1')."""
     name, _, index = device.partition(':')
     try:
         devices = jax.devices(PLATFORMS.get(name, name))
@@ -100,7 +100,7 @@ def select_devices(device):
     return devices
 
 def select_dtype(dtype, platform):
-    """'auto' is bfloat16 on GPU/TPU and float32 on the CPU (where it is the fast one)."""
+    """'auto': bfloat16 on GPU/TPU, float32 on the CPU (where it is the fast one)."""
     if dtype == 'auto':
         return 'bfloat16' if platform in ('gpu', 'tpu') else 'float32'
     if dtype not in DTYPES:
@@ -134,8 +134,8 @@ def make_mesh(devices, fsdp):  # fsdp=1 is data parallel: DDP's whole copies
     return Mesh(np.array(devices).reshape(-1, fsdp), (DATA, SHARDS))
 
 def side_by_side(accumulation, batch_size, mesh):
-    """(micro-steps, ranks): micro-batches run `ranks` at a time, as on DDP's ranks, their rows over
-    every device; with fewer micro-batches than devices (a CPU's cores) their rows are split."""
+    """(micro-steps, ranks): micro-batches run `ranks` at a time, as on DDP's ranks, rows over
+    every device."""
     ranks = math.gcd(accumulation, mesh.size)
     if ranks * batch_size % mesh.size:
         raise ValueError(f"gradient_accumulation_steps={accumulation} must be divisible by the number "
@@ -143,7 +143,7 @@ def side_by_side(accumulation, batch_size, mesh):
     return accumulation // ranks, ranks
 
 def array_sharding(mesh, shape):
-    """Split over SHARDS along the longest axis they divide (a parameter and its moments alike)."""
+    """Split over SHARDS along the longest axis they divide."""
     n = mesh.shape[SHARDS]
     axes = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i]) if shape[i] % n == 0]
     spec = [None] * len(shape)
@@ -182,8 +182,7 @@ def put_state(tree, shardings):  # from host arrays each device gets only its sl
     return jax.tree.map(place, tree, shardings)
 
 def get_state(tree):
-    """Numpy arrays gathered one at a time (no device holds more than its share plus one array);
-    across processes every process must call it."""
+    """Numpy arrays, gathered one at a time; every process must call it."""
     from jax.experimental import multihost_utils
 
     def gather(a):
@@ -201,8 +200,7 @@ def local_value(a):  # a replicated output (the loss) as numpy, in any process
 # compiling ahead of time on shapes, and XLA's estimate of the memory it needs
 
 def compile_ahead(jobs, compiler_options=None):
-    """{name: (jitted function, argument shapes)} -> {name: (compiled, seconds)}, compiled on threads
-    side by side (XLA releases the GIL)."""
+    """{name: (jitted, argument shapes)} -> {name: (compiled, seconds)}, on threads side by side."""
     def compile_one(lowered, t0):
         return lowered.compile(compiler_options), time.time() - t0
 
@@ -237,13 +235,13 @@ def device_memory_bytes(device):  # its allocator's limit on GPU/TPU, the machin
     return None
 
 def process_bytes(compiled, mesh):
-    """The biggest estimate on one device; on a CPU, whose devices share the RAM, on all of them."""
+    """The biggest estimate on one device; on a CPU, whose devices share the RAM, all of them."""
     need = [compiled_bytes(c) for c in compiled]
     local = mesh.local_devices
     return None if None in need else max(need) * (len(local) if local[0].platform == 'cpu' else 1)
 
 def check_memory(compiled, mesh, other_settings=None):
-    """Prints XLA's estimate and dies when the devices have less, listing other_settings()' estimates."""
+    """Prints XLA's estimate; dies when the devices have less, with other_settings()' estimates."""
     need = process_bytes(compiled, mesh)
     if need is None:
         return
