@@ -694,7 +694,6 @@ def test_compile_false_is_accepted_and_trains(tmp_path, dataset, env, uninterrup
     step stays compiled) with the same losses as the default."""
     proc = train(dataset, str(tmp_path / 'out'), '--compile=False', '--max_iters=2', env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert 'compile=False' in proc.stdout
     iters, _ = logged(proc.stdout)
     full_iters, _ = logged(uninterrupted[1])
     assert iters == {i: full_iters[i] for i in range(3)}
