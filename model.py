@@ -3,7 +3,8 @@
 
 Shape glossary (array name suffixes; jaxtyping annotations the tests check at trace time):
   B: batch size    T: sequence length (queries)    S: key/value length (cache slots)    C: n_embd
-  H: n_head    D: head size, C // H    V: vocab size    F: MLP hidden, 4 * C    K: eval batches
+  H: n_head    G: n_kv_head    D: head size, C // H    V: vocab size    F: MLP hidden (4 * C)
+  K: eval batches
   N: prompt + new tokens    I, O: a Linear's in and out features    R: micro-batches side by side
 e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S)."""
 import json
@@ -23,7 +24,7 @@ from jaxtyping import Array, Float, Int, UInt32
 import backends
 
 Arrayish = Array | np.ndarray
-KV = tuple[Float[Array, "B H D S"], Float[Array, "B H S D"]]  # one layer's cache: keys, values
+KV = tuple[Float[Array, "B G D S"], Float[Array, "B G S D"]]  # one layer's cache: keys, values
 
 def apply_dropout(x, rate, is_training):
     return hk.dropout(hk.next_rng_key(), rate, x) if is_training and rate > 0.0 else x
@@ -36,16 +37,29 @@ def linear(x, out_features, bias, name, std=0.02):  # nn.Linear with nanoGPT's i
 
 @dataclass
 class LayerNorm(hk.Module):
-    """LayerNorm but with an optional bias; statistics in fp32 whatever the compute dtype."""
+    """LayerNorm but with an optional bias, or RMSNorm; statistics in fp32 whatever the dtype."""
     bias: bool
+    kind: str = 'layernorm'
+    eps: float = 1e-5
     name: str | None = None
     def __call__(self, x):
         C, x32 = x.shape[-1], x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * lax.rsqrt(var + 1e-5) * hk.get_parameter('weight', (C,), init=jnp.ones)
-        y = y + hk.get_parameter('bias', (C,), init=jnp.zeros) if self.bias else y
+        if self.kind == 'layernorm':
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        if self.kind != 'rmsnorm_noweight':
+            y = y * hk.get_parameter('weight', (C,), init=jnp.ones)
+            y = y + hk.get_parameter('bias', (C,), init=jnp.zeros) if self.bias else y
         return y.astype(x.dtype)
+
+def rotary(x_BTHD, pos, theta):  # H or G heads
+    """Rotary position embedding, Hugging Face Llama's layout: dims i and i + D/2 turn together."""
+    T, D, x32 = x_BTHD.shape[1], x_BTHD.shape[-1], x_BTHD.astype(jnp.float32)
+    freq = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # D/2 frequencies
+    angle_T1D = jnp.tile((pos + jnp.arange(T))[:, None] * freq, 2)[:, None]
+    x1, x2 = jnp.split(x32, 2, -1)
+    y = x32 * jnp.cos(angle_T1D) + jnp.concatenate([-x2, x1], -1) * jnp.sin(angle_T1D)
+    return y.astype(x_BTHD.dtype)
 
 @dataclass
 class CausalSelfAttention(hk.Module):
@@ -53,18 +67,28 @@ class CausalSelfAttention(hk.Module):
     name: str | None = None
     def __call__(self, x_BTC: Float[Array, "B T C"], is_training, kv: KV | None, pos):
         (B, T, C), cfg = x_BTC.shape, self.config
-        H, D, qkv_BT3C = cfg.n_head, C // cfg.n_head, linear(x_BTC, 3 * C, cfg.bias, 'c_attn')
-        q_BTHD, k_BTHD, v_BTHD = (a.reshape(B, T, H, D) for a in jnp.split(qkv_BT3C, 3, -1))
-        if kv is None and not (is_training and cfg.dropout > 0.0):
-            y_BTHD = backends.causal_attention(q_BTHD, k_BTHD, v_BTHD)  # flash attention
+        H, G, D = cfg.n_head, cfg.n_kv_head or cfg.n_head, C // cfg.n_head
+        q_BTHD, k_BTGD, v_BTGD = jnp.split(linear(x_BTC, (H + 2 * G) * D, cfg.bias, 'c_attn')
+                                           .reshape(B, T, H + 2 * G, D), [H, H + G], 2)
+        if cfg.qk_norm:
+            q_BTHD, k_BTGD = (LayerNorm(False, 'rmsnorm_noweight', cfg.norm_eps)(a)
+                              for a in (q_BTHD, k_BTGD))
+        if cfg.rope:
+            q_BTHD, k_BTGD = (rotary(a, pos, cfg.rope_theta) for a in (q_BTHD, k_BTGD))
+        share = lambda a, axis: jnp.repeat(a, H // G, axis)  # each key/value head serves H // G
+        if kv is None and not (is_training and cfg.dropout > 0.0):  # flash attention
+            y_BTHD = backends.causal_attention(q_BTHD, share(k_BTGD, 2), share(v_BTGD, 2))
         else:  # manual attention; the cache in the layouts its products read
-            k_BHDS, v_BHSD = k_BTHD.transpose(0, 2, 3, 1), v_BTHD.transpose(0, 2, 1, 3)
-            if kv is not None:  # this step's keys and values go to slots pos..pos+T-1
-                kv = k_BHDS, v_BHSD = (
-                    lax.dynamic_update_slice_in_dim(kv[0], k_BHDS.astype(kv[0].dtype), pos, 3),
-                    lax.dynamic_update_slice_in_dim(kv[1], v_BHSD.astype(kv[1].dtype), pos, 2))
-            dt, S = q_BTHD.dtype, k_BHDS.shape[-1]
-            mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
+            k_BGDS, v_BGSD = k_BTGD.transpose(0, 2, 3, 1), v_BTGD.transpose(0, 2, 1, 3)
+            if kv is not None:  # this step's keys and values go to slots pos..pos+T-1 (mod S)
+                slot = pos % kv[0].shape[-1]  # past S, a RoPE cache rolls over its oldest keys
+                kv = k_BGDS, v_BGSD = (
+                    lax.dynamic_update_slice_in_dim(kv[0], k_BGDS.astype(kv[0].dtype), slot, 3),
+                    lax.dynamic_update_slice_in_dim(kv[1], v_BGSD.astype(kv[1].dtype), slot, 2))
+            k_BHDS, v_BHSD = share(k_BGDS, 1), share(v_BGSD, 1)
+            dt, S, query_T1 = q_BTHD.dtype, k_BHDS.shape[-1], (pos + jnp.arange(T))[:, None]
+            held_S = pos + T - 1 - (pos + T - 1 - jnp.arange(S)) % S  # slot s's position, or < 0
+            mask_TS = (held_S >= 0) & (held_S <= query_T1) & (held_S > query_T1 - S)
             att_BHTS = jnp.einsum('bthd,bhds->bhts', q_BTHD, k_BHDS.astype(dt)).astype(jnp.float32)
             att_BHTS = jnp.where(mask_TS, att_BHTS * (1.0 / math.sqrt(D)), -jnp.inf)
             att_BHTS = jax.nn.softmax(att_BHTS, -1).astype(dt)
@@ -80,9 +104,15 @@ class MLP(hk.Module):
     name: str | None = None
     def __call__(self, x_BTC, is_training):
         cfg = self.config
-        h_BTF = linear(x_BTC, 4 * cfg.n_embd, cfg.bias, 'c_fc')
-        gelu = lambda x: 0.5 * x * (1.0 + lax.erf(x * (1.0 / math.sqrt(2.0))))  # torch's nn.GELU
-        h_BTF = gelu(h_BTF) if cfg.activation == 'gelu' else jax.nn.gelu(h_BTF, approximate=True)
+        h_BTF = linear(x_BTC, cfg.mlp_hidden or 4 * cfg.n_embd, cfg.bias, 'c_fc')
+        if cfg.activation == 'swiglu':  # Llama's: c_fc is up_proj, c_gate gate_proj
+            h_BTF = jax.nn.silu(linear(x_BTC, h_BTF.shape[-1], cfg.bias, 'c_gate')) * h_BTF
+        elif cfg.activation == 'relu2':
+            h_BTF = jnp.square(jax.nn.relu(h_BTF))
+        elif cfg.activation == 'gelu':  # torch's nn.GELU
+            h_BTF = 0.5 * h_BTF * (1.0 + lax.erf(h_BTF * (1.0 / math.sqrt(2.0))))
+        else:
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
         x_BTC = linear(h_BTF, cfg.n_embd, cfg.bias, 'c_proj', 0.02 / math.sqrt(2 * cfg.n_layer))
         return apply_dropout(x_BTC, cfg.dropout, is_training)
 
@@ -93,9 +123,10 @@ class Block(hk.Module):
     def __call__(self, x_BTC: Float[Array, "B T C"], is_training, kv: KV | None, pos):
         cfg, x_BTC = self.config, backends.residual(x_BTC)
         y_BTC, kv = CausalSelfAttention(cfg, name='attn')(
-            LayerNorm(cfg.bias, name='ln_1')(x_BTC), is_training, kv, pos)
+            LayerNorm(cfg.bias, cfg.norm, cfg.norm_eps, name='ln_1')(x_BTC), is_training, kv, pos)
         x_BTC = backends.residual(x_BTC + y_BTC)
-        x_BTC = x_BTC + MLP(cfg, name='mlp')(LayerNorm(cfg.bias, name='ln_2')(x_BTC), is_training)
+        y_BTC = LayerNorm(cfg.bias, cfg.norm, cfg.norm_eps, name='ln_2')(x_BTC)
+        x_BTC = x_BTC + MLP(cfg, name='mlp')(y_BTC, is_training)
         return x_BTC, kv
 
 @dataclass
@@ -107,17 +138,29 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # in Linears and LayerNorms, like GPT-2. False: a bit better and faster
-    activation: str = 'gelu'  # or 'gelu_new', the tanh form of GPT-2's checkpoints
+    activation: str = 'gelu'  # 'gelu_new' (GPT-2 checkpoints' tanh form), 'relu2', 'swiglu'
+    mlp_hidden: int = 0  # F; 0: 4 * n_embd
+    n_kv_head: int = 0  # grouped-query attention's key/value heads; 0: n_head
+    rope: bool = False  # rotary position embeddings instead of the learned wpe
+    rope_theta: float = 10000.0
+    norm: str = 'layernorm'  # 'rmsnorm' (with a weight, Llama's) or 'rmsnorm_noweight'
+    norm_eps: float = 1e-5
+    qk_norm: bool = False  # each head's q and k through RMSNorm (no weight) before the product
+    tie_lm_head: bool = True  # False: the lm_head is its own (V, C) 'transformer/lm_head'
+    softcap: float = 0.0  # logits as softcap * tanh(logits / softcap); 0.0: off
     remat: bool = False  # recompute each block in the backward: less memory
     def __post_init__(self):
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.activation not in ('gelu', 'gelu_new'):
-            raise ValueError(f"activation must be 'gelu' or 'gelu_new', got {self.activation!r}")
+        if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, "
+                             f"n_head by n_kv_head={self.n_kv_head}")
+        for name, allowed in (('activation', ('gelu', 'gelu_new', 'relu2', 'swiglu')),
+                              ('norm', ('layernorm', 'rmsnorm', 'rmsnorm_noweight'))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 @dataclass
 class GPT(hk.Module):
-    """Named 'transformer' so that Haiku's paths are nanoGPT's names; the lm_head is wte (tied)."""
+    """Named 'transformer' so that Haiku's paths are nanoGPT's names; a tied lm_head is wte."""
     config: GPTConfig
     name: str | None = 'transformer'
     def __call__(self, idx_BT: Int[Arrayish, "B T"],
@@ -129,9 +172,11 @@ class GPT(hk.Module):
             raise ValueError(f"cannot forward {T} tokens, block size is only {cfg.block_size}")
         with hk.name_scope('wte'):  # nn.Embedding's table
             wte_VC = hk.get_parameter('weight', (cfg.vocab_size, cfg.n_embd), init=init)
-        with hk.name_scope('wpe'):
-            wpe_TC = hk.get_parameter('weight', (cfg.block_size, cfg.n_embd), init=init)
-        x_BTC = jnp.take(wte_VC, idx_BT, axis=0) + jnp.take(wpe_TC, pos + jnp.arange(T), axis=0)
+        x_BTC = jnp.take(wte_VC, idx_BT, axis=0)
+        if not cfg.rope:  # learned positions
+            with hk.name_scope('wpe'):
+                wpe_TC = hk.get_parameter('weight', (cfg.block_size, cfg.n_embd), init=init)
+            x_BTC = x_BTC + jnp.take(wpe_TC, pos + jnp.arange(T), axis=0)
         x_BTC, new_cache = apply_dropout(x_BTC, cfg.dropout, is_training), []
         for i in range(cfg.n_layer):
             block = Block(cfg, name=f'h_{i}')
@@ -139,8 +184,14 @@ class GPT(hk.Module):
                 block = hk.remat(block, static_argnums=(1, 2, 3))
             x_BTC, kv = block(x_BTC, is_training, None if cache is None else cache[i], pos)
             new_cache.append(kv)
-        x_BTC = LayerNorm(cfg.bias, name='ln_f')(x_BTC)
-        lm_head = lambda x: backends.lm_head(x, wte_VC).astype(jnp.float32)
+        x_BTC = LayerNorm(cfg.bias, cfg.norm, cfg.norm_eps, name='ln_f')(x_BTC)
+        head_VC = wte_VC
+        if not cfg.tie_lm_head:
+            with hk.name_scope('lm_head'):  # nn.Linear's (out, in) weight
+                head_VC = hk.get_parameter('weight', (cfg.vocab_size, cfg.n_embd), init=init)
+        def lm_head(x):
+            logits = backends.lm_head(x, head_VC).astype(jnp.float32)
+            return cfg.softcap * jnp.tanh(logits / cfg.softcap) if cfg.softcap else logits
         if cache is not None:
             return lm_head(x_BTC[:, -1]), new_cache
         if targets_BT is None:  # inference-time mini-optimization: the last position only
@@ -164,9 +215,10 @@ def gpt_decode(config):  # apply(params, idx_BT, cache, pos) -> (logits_BV, cach
     return hk.without_apply_rng(hk.transform(
         lambda idx_BT, cache, pos: GPT(config)(idx_BT, cache=cache, pos=pos)))
 
-def init_cache(config, batch_size: int, dtype=jnp.float32) -> list[KV]:
-    B, H, D, S = batch_size, config.n_head, config.n_embd // config.n_head, config.block_size
-    return [(jnp.zeros((B, H, D, S), dtype), jnp.zeros((B, H, S, D), dtype))
+def init_cache(config, batch_size: int, dtype=jnp.float32, size=None) -> list[KV]:
+    B, G, D = batch_size, config.n_kv_head or config.n_head, config.n_embd // config.n_head
+    S = size or config.block_size
+    return [(jnp.zeros((B, G, D, S), dtype), jnp.zeros((B, G, S, D), dtype))
             for _ in range(config.n_layer)]
 
 def init_params(config, rng):  # one compiled call: op by op, each small op compiles on its own
@@ -175,19 +227,22 @@ def init_params(config, rng):  # one compiled call: op by op, each small op comp
 def param_shapes(config):
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
-def get_num_params(params, non_embedding=True):  # of arrays or shapes; wte is the lm_head too
+def get_num_params(params, non_embedding=True):  # of arrays or shapes; a tied wte is the lm_head
     n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-    return n - math.prod(params['transformer/wpe']['weight'].shape) if non_embedding else n
+    wpe = params.get('transformer/wpe') if non_embedding else None  # none with RoPE
+    return n - math.prod(wpe['weight'].shape) if wpe else n
 
 def crop_block_size(params, config, block_size):
     if block_size > config.block_size:
         raise ValueError(f"cannot crop block_size {config.block_size} up to {block_size}")
     params = {m: dict(p) for m, p in params.items()}
-    params['transformer/wpe']['weight'] = params['transformer/wpe']['weight'][:block_size]
+    if 'transformer/wpe' in params:  # RoPE has no table to crop
+        params['transformer/wpe']['weight'] = params['transformer/wpe']['weight'][:block_size]
     return params, replace(config, block_size=block_size)
 
 # The weights that torch's nn.Linear stores (out, in), where ours and GPT-2's Conv1D are (in, out):
-TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight',
+              'mlp.c_gate.weight')
 
 def to_torch_name(module, name):
     return re.sub(r'\bh_(\d+)\b', r'h.\1', module).replace('/', '.') + '.' + name
@@ -196,10 +251,11 @@ def from_torch_name(key):
     module, name = key.rsplit('.', 1)
     return re.sub(r'\bh\.(\d+)\b', r'h_\1', module).replace('.', '/'), name
 
-def to_state_dict(params):  # numpy, in torch's layout, with the tied lm_head.weight
+def to_state_dict(params):  # numpy, in torch's layout, with a tied lm_head.weight
     sd = {to_torch_name(m, n): np.asarray(v) for m, p in params.items() for n, v in p.items()}
     sd = {k: v.T if k.endswith(TRANSPOSED) else v for k, v in sd.items()}
-    return {**sd, 'lm_head.weight': sd['transformer.wte.weight']}
+    tied = 'transformer/lm_head' not in params
+    return {**sd, 'lm_head.weight': sd['transformer.wte.weight']} if tied else sd
 
 def from_state_dict(sd):
     """Skips torch.compile's '_orig_mod.' prefix, the tied lm_head and attention mask buffers."""
@@ -212,7 +268,7 @@ def from_state_dict(sd):
     return params
 
 def from_pretrained(model_type, override_args=None):
-    """GPT-2 from the Hugging Face hub or a save_pretrained directory, read without torch."""
+    """GPT-2 from the Hugging Face hub, or a save_pretrained GPT-2 or Llama; read without torch."""
     from safetensors.numpy import load_file
     pretrained = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
     override_args, files = override_args or {}, ('config.json', 'model.safetensors')
@@ -236,6 +292,9 @@ def from_pretrained(model_type, override_args=None):
         assert hf['vocab_size'] == 50257 and hf['n_positions'] == 1024
     if 'dropout' in override_args:
         print(f"overriding dropout rate to {override_args['dropout']}")
+    if hf.get('model_type', 'gpt2') != 'gpt2':
+        from interop import from_llama  # with the other formats' names
+        return from_llama(hf, paths[1], override_args)
     config = GPTConfig(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
                        vocab_size=hf['vocab_size'], block_size=hf['n_positions'], bias=True,
                        activation=hf.get('activation_function', 'gelu_new'), **override_args)
@@ -322,9 +381,11 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
             return lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[3]), step, carry)[2:]
         state, n_cached = (idx_BN, jnp.zeros((B,), bool), jnp.int32(1)), 0
         if T <= block_size:  # prefill the prompt in one pass, then a token a step while it fits
-            cache = init_cache(config, B, params['transformer/wte']['weight'].dtype)
+            # RoPE's cache rolls on past S: a sliding window, not nanoGPT's crop (same in layer 1)
+            S = min(block_size, T + max_new_tokens)
+            cache = init_cache(config, B, params['transformer/wte']['weight'].dtype, S)
             logits_BV, cache = decode(params, idx_BT, cache, 0)
-            n_cached = min(max_new_tokens, block_size - T + 1)
+            n_cached = max_new_tokens if config.rope else min(max_new_tokens, block_size - T + 1)
             state = loop(n_cached, jnp.int32(1), cache, *put_next(0, logits_BV, *state))
         if n_cached < max_new_tokens:
             state = loop(max_new_tokens, jnp.int32(n_cached), None, *state)

@@ -53,6 +53,15 @@ n_embd = 768
 dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
 bias = False # do we use bias inside LayerNorm and Linear layers?
 remat = False # recompute each block in the backward: less memory, more compute
+# the modern GPT's options (config/llama.py sets Llama's); the defaults are nanoGPT's GPT
+activation = 'gelu' # or 'gelu_new' (GPT-2's tanh form), 'relu2', 'swiglu'
+mlp_hidden = 0 # the MLP's width; 0: 4 * n_embd
+n_kv_head = 0 # key/value heads shared by the query heads (grouped-query attention); 0: n_head
+rope, rope_theta = False, 10000.0 # rotary position embeddings instead of the learned wpe
+norm, norm_eps = 'layernorm', 1e-5 # or 'rmsnorm' (Llama's), 'rmsnorm_noweight'
+qk_norm = False # each head's q and k through RMSNorm before their product
+tie_lm_head = True # False: the lm_head is a weight of its own
+softcap = 0.0 # logits as softcap * tanh(logits / softcap); 0.0: off
 # adamw optimizer
 optimizer = 'adamw' # 'adamw' or 'muon': Muon for the blocks' 2-D weights, AdamW for the rest
 muon_lr = 0.02 # Muon's max learning rate, on the same schedule (optimizer='muon' only)
@@ -159,6 +168,7 @@ try:
         die(f"init_from={init_from!r}: use 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', "
             f"'gpt2-xl', a local Hugging Face directory or a nanoGPT ckpt.pt")
     gptconf = GPTConfig(**model_args)
+    model_args = {k: v for k, v in vars(gptconf).items() if k != 'remat'} # every field, saved
 except CheckpointError as e:
     shared = (" (every process reads the checkpoint process 0 wrote: put out_dir on a filesystem all "
               "hosts share)" if init_from == 'resume' and jax.process_count() > 1 else "")

@@ -27,6 +27,8 @@ TINY = ['--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=2', '--n_emb
         '--learning_rate=1e-2', '--warmup_iters=2', '--lr_decay_iters=8', '--min_lr=1e-3', '--log_interval=1',
         '--grad_clip=0.1', '--always_save_checkpoint=True']
 ITERS = 8
+# every option of the modern GPT at once: Llama's (RoPE, RMSNorm, SwiGLU, untied head) with GQA, QK-norm, soft-capping
+MODERN = [os.path.join(REPO, 'config', 'llama.py'), '--n_kv_head=1', '--qk_norm=True', '--softcap=30.0']
 
 
 @pytest.fixture(scope='module')
@@ -84,7 +86,8 @@ def runs(tmp_path_factory, dataset):
     work = tmp_path_factory.mktemp('layouts')
     layouts = {'1 device': (1, []), 'dp 4': (4, []), 'fsdp 4': (4, ['--fsdp=4']),
                'fsdp 4 remat': (4, ['--fsdp=4', '--remat=True']), 'fsdp 2 x 2': (4, ['--fsdp=2']),
-               '1 device no clip': (1, ['--grad_clip=0.0'])}
+               '1 device no clip': (1, ['--grad_clip=0.0']),
+               'modern 1 device': (1, MODERN), 'modern fsdp 2 x 2 remat': (4, ['--fsdp=2', '--remat=True', *MODERN])}
     done = {}
     for name, (devices, flags) in layouts.items():
         out = str(work / name.replace(' ', '_'))
@@ -108,6 +111,20 @@ def test_fsdp_equals_data_parallel_and_one_device(runs):
     clipped, _ = load_checkpoint(os.path.join(ref_out, CKPT_NAME))
     unclipped, _ = load_checkpoint(os.path.join(runs['1 device no clip'][0], CKPT_NAME))
     assert max(float(np.max(np.abs(clipped[k] - unclipped[k]))) for k in clipped if k.startswith('model.')) > 1e-3
+
+
+def test_modern_options_train_the_same_under_fsdp_and_remat(runs):
+    """With every modern option on, fsdp 2 x 2 with remat equals one device: the same losses (train and
+    eval), parameters and moments; the options change the model (its losses are not nanoGPT's)."""
+    ref_out, ref_log = runs['modern 1 device']
+    ref = losses(ref_log)
+    assert len(ref) == ITERS + 1 + 3 and ref[('iter', 0)] != losses(runs['1 device'][1])[('iter', 0)]
+    out, log = runs['modern fsdp 2 x 2 remat']
+    assert_close_losses(losses(log), ref, 'modern fsdp 2 x 2 remat')
+    assert_close_checkpoints(out, ref_out, 'modern fsdp 2 x 2 remat')
+    arrays, meta = load_checkpoint(os.path.join(out, CKPT_NAME))
+    assert meta['model_args']['rope'] and meta['model_args']['n_kv_head'] == 1
+    assert 'model.transformer.lm_head.weight' in arrays and 'model.transformer.wpe.weight' not in arrays
 
 
 def test_fsdp_state_per_device_is_its_share():

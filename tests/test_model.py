@@ -528,6 +528,6 @@ def test_cache_of_another_batch_size_names_the_argument_and_dimension():
     config, params, _ = fixture_model()
     idx_BT = jnp.zeros((2, 1), jnp.int32)
     msg = wrong_shape(lambda: jax.jit(gpt_decode(config).apply)(params, idx_BT, init_cache(config, 3), 0))
-    assert "parameter 'cache'" in msg and "'B H D S'" in msg and 'B=2' in msg, msg
+    assert "parameter 'cache'" in msg and "'B G D S'" in msg and 'B=2' in msg, msg
     logits_BV, _ = jax.jit(gpt_decode(config).apply)(params, idx_BT, init_cache(config, 2), 0)  # the right one runs
     assert logits_BV.shape == (2, config.vocab_size)

@@ -719,8 +719,10 @@ def test_init_from_local_gpt2_directory_crops_and_overrides_dropout(tmp_path, da
                  '--learning_rate=0', '--min_lr=0', '--max_iters=2', '--eval_interval=2', env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     arrays, meta = load_checkpoint(str(out / CKPT_NAME))
-    assert meta['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB,
-                                      dropout=0.05, activation='gelu_new')
+    nanogpt_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB,
+                        dropout=0.05, activation='gelu_new')
+    assert {k: meta['model_args'][k] for k in nanogpt_args} == nanogpt_args
+    assert not meta['model_args']['rope'] and meta['model_args']['tie_lm_head']  # GPT-2's, the rest
     np.testing.assert_array_equal(arrays['model.transformer.wpe.weight'], hf['transformer.wpe.weight'][:16])
     np.testing.assert_array_equal(arrays['model.transformer.wte.weight'], hf['transformer.wte.weight'])
     for name in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'):  # Conv1D (in, out) -> Linear (out, in)
