@@ -64,6 +64,6 @@ try:
 except OSError as e:
     die(f"cannot write to export_dir {export_dir!r} ({e.strerror or e})")
 print(f"exported {ckpt_path} (iter {meta.get('iter_num', 0)}): {', '.join(map(out, files))}")
-print(f"load with transformers.GPT2LMHeadModel.from_pretrained({export_dir!r})" if format == 'hf'
+print(f"load with AutoModelForCausalLM.from_pretrained({export_dir!r})" if format == 'hf'
       else "for nanoGPT: put ckpt.pt in an out_dir, then sample.py or train.py --init_from=resume"
       + (f"; its sample.py reads {data_dir}/meta.pkl" if vocab else ""))

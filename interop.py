@@ -1,4 +1,4 @@
-"""Checkpoints to and from nanoGPT's ckpt.pt (AdamW state as 'adamw.*') and Hugging Face GPT-2."""
+"""Checkpoints to and from nanoGPT's ckpt.pt (AdamW state as 'adamw.*'), HF GPT-2 and HF Llama."""
 import pickle
 import re
 import warnings
@@ -8,10 +8,26 @@ import numpy as np
 import jax
 
 from checkpoint import CheckpointError, model_config
-from model import TRANSPOSED, param_shapes, to_torch_name
+from model import TRANSPOSED, GPTConfig, from_state_dict, param_shapes, to_torch_name
 
 NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
 _MOMENTS = {'mu': 'exp_avg', 'nu': 'exp_avg_sq'}  # optax's AdamW moments -> torch's
+# our module names -> Llama's; c_attn stacks q_proj, k_proj and v_proj ({}: q, k or v)
+LLAMA = {'wte': 'embed_tokens', 'ln_1': 'input_layernorm', 'attn.c_attn': 'self_attn.{}_proj',
+         'attn.c_proj': 'self_attn.o_proj', 'ln_2': 'post_attention_layernorm',
+         'mlp.c_gate': 'mlp.gate_proj', 'mlp.c_fc': 'mlp.up_proj', 'mlp.c_proj': 'mlp.down_proj',
+         'ln_f': 'norm'}
+
+def unsupported(config, target):
+    """config's settings that target's architecture ('nanogpt', 'gpt2' or 'llama') lacks."""
+    c, llama = config, target == 'llama'
+    off = dict(rope=c.rope != llama, norm=c.norm != ('rmsnorm' if llama else 'layernorm'),
+               activation=c.activation not in (('swiglu',) if llama else ('gelu', 'gelu_new')),
+               qk_norm=c.qk_norm, softcap=c.softcap != 0.0, bias=llama and c.bias,
+               n_kv_head=not llama and c.n_kv_head not in (0, c.n_head),
+               tie_lm_head=not (llama or c.tie_lm_head),
+               mlp_hidden=not llama and c.mlp_hidden not in (0, 4 * c.n_embd))
+    return [f'{k}={getattr(c, k)!r}' for k, v in off.items() if v]
 
 def require_torch(what):
     try:
@@ -134,6 +150,8 @@ def _weights(arrays, meta, zero_bias=False):
 
 def to_nanogpt(arrays, meta):
     """nanoGPT's checkpoint dict for torch.save, its AdamW state_dict made by torch."""
+    if bad := unsupported(model_config(meta.get('model_args')), 'nanogpt'):
+        raise ValueError(f"format=nanogpt writes nanoGPT's GPT, which has no {', '.join(bad)}")
     torch = require_torch("writing nanoGPT's ckpt.pt")
     params = {n: torch.from_numpy(a) for n, a in _weights(arrays, meta)[1].items()}
     cfg = meta.get('config', {})
@@ -161,7 +179,14 @@ def to_nanogpt(arrays, meta):
             'best_val_loss': float(meta.get('best_val_loss', 1e9))}
 
 def to_hf(arrays, meta):
-    """(config.json, model.safetensors) as GPT2LMHeadModel's save_pretrained writes them."""
+    """(config.json, model.safetensors) as a GPT-2's or a Llama's save_pretrained writes them."""
+    config = model_config(meta.get('model_args'))
+    arch = 'llama' if config.rope else 'gpt2'
+    if bad := unsupported(config, arch):
+        raise ValueError(f"format=hf writes a GPT-2 or a Llama (rope=True): {arch} has no "
+                         f"{', '.join(bad)}")
+    if arch == 'llama':
+        return to_llama(config, {k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
     config, weights = _weights(arrays, meta, zero_bias=True)
     tensors = {n: np.ascontiguousarray(_torch_layout(n, a)) for n, a in weights.items()}
     eot = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if it has one
@@ -169,5 +194,61 @@ def to_hf(arrays, meta):
     return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size,
                 n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
                 activation_function=c.activation, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-                layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=eot,
+                layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True, bos_token_id=eot,
                 eos_token_id=eot), tensors
+
+def llama_name(name):  # our state_dict name -> Llama's
+    m = re.fullmatch(r'transformer\.(?:h\.(\d+)\.)?([\w.]+)\.weight', name)
+    layer = f'layers.{m[1]}.' if m[1] else ''
+    return 'lm_head.weight' if m[2] == 'lm_head' else f'model.{layer}{LLAMA[m[2]]}.weight'
+
+def to_llama(config, state_dict):
+    """(config.json, model.safetensors) of a Llama-architecture model's state_dict."""
+    c, tensors = config, {}
+    H, G, D = c.n_head, c.n_kv_head or c.n_head, c.n_embd // c.n_head
+    for name, a in state_dict.items():  # c_attn's (out, in) rows: q_proj's, k_proj's, v_proj's
+        parts = np.split(a, [H * D, (H + G) * D]) if '.c_attn.' in name else [a]
+        tensors.update({llama_name(name).format(x): np.ascontiguousarray(p, np.float32)
+                        for x, p in zip('qkv', parts)})
+    eot = 50256 if c.vocab_size > 50256 else None
+    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c.vocab_size,
+                hidden_size=c.n_embd, intermediate_size=c.mlp_hidden or 4 * c.n_embd,
+                num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                num_key_value_heads=G, max_position_embeddings=c.block_size, hidden_act='silu',
+                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                tie_word_embeddings=c.tie_lm_head,
+                bos_token_id=eot, eos_token_id=eot), tensors
+
+def from_llama(hf, path, override_args):
+    """(config, params) of a Llama's config.json (a dict) and safetensors file."""
+    from safetensors.flax import load_file  # numpy has no bfloat16, Llamas' usual dtype
+    rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+    got = dict(model_type=hf.get('model_type'), hidden_act=hf.get('hidden_act', 'silu'),
+               rope_type=rope.get('rope_type', rope.get('type', 'default')),
+               attention_bias=hf.get('attention_bias', False), mlp_bias=hf.get('mlp_bias', False))
+    if bad := [f'{k}={v!r}' for k, v in got.items() if v not in ('llama', 'silu', 'default', 0)]:
+        raise ValueError(f"the config.json beside {path} has {bad[0]}: not a GPT-2 or a Llama")
+    config = GPTConfig(
+        n_layer=hf['num_hidden_layers'], n_embd=hf['hidden_size'], vocab_size=hf['vocab_size'],
+        n_head=hf['num_attention_heads'], n_kv_head=hf.get('num_key_value_heads') or 0,
+        block_size=hf['max_position_embeddings'], bias=False, activation='swiglu',
+        mlp_hidden=hf['intermediate_size'], rope=True, norm='rmsnorm',
+        rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)),
+        norm_eps=hf.get('rms_norm_eps', 1e-6), tie_lm_head=hf.get('tie_word_embeddings', False),
+        **override_args)  # absent keys: LlamaConfig's defaults
+    return config, params_from_llama(config, load_file(path), path)
+
+def params_from_llama(config, tensors, path):
+    """config's params from tensors of Llama's names (others left out)."""
+    state_dict = {}
+    for m, p in param_shapes(config).items():
+        for n in p:
+            name = to_torch_name(m, n)
+            names = [llama_name(name).format(x) for x in ('qkv' if '.c_attn.' in name else 'q')]
+            if absent := [k for k in names if k not in tensors]:
+                raise ValueError(f"{path} has no {absent[0]}, which a Llama of {config} has")
+            state_dict[name] = np.concatenate([np.asarray(tensors[k], np.float32) for k in names])
+    params = from_state_dict(state_dict)
+    if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, param_shapes(config)):
+        raise ValueError(f"{path}: parameters do not match a Llama of {config}")
+    return params

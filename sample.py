@@ -75,6 +75,17 @@ if meta is not None:
         die(f"the prompt or stop has characters outside the vocabulary in {meta_dir}: {unknown}")
     encode = lambda s: [meta['stoi'][c] for c in s]
     decode = lambda l: ''.join([meta['itos'][i] for i in l])
+elif os.path.isdir(init_from) and not 50257 <= gptconf.vocab_size <= 50304: # HF dir's own
+    path = os.path.join(init_from, 'tokenizer.json')
+    if not os.path.exists(path):
+        die(f"{init_from} has no tokenizer.json for its {gptconf.vocab_size} tokens (not GPT-2's)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        die(f"reading {path} needs the tokenizers package: pip install tokenizers")
+    tokenizer = Tokenizer.from_file(path) # special tokens only as written in the text, e.g. <s>
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids
+    decode = lambda l: tokenizer.decode(l)
 elif gptconf.vocab_size < 50257:
     die(f"the model has {gptconf.vocab_size} tokens, too few for GPT-2 BPE, and no vocabulary"
         f"{f' in {meta_dir}' if meta_dir else ''}: run where train.py ran")
