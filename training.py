@@ -62,33 +62,46 @@ def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0
         if kind == 'muon':
             labels = lambda p: {m: {n: 'muon' if is_muon_weight(m, x) else 'adamw' for n, x in d.items()}
                                 for m, d in p.items()}
+            stack_dims = lambda p: jax.tree.map(lambda _: optax.contrib.MuonDimensionNumbers(1, 2), p)
             muon = optax.contrib.muon(learning_rate * muon_scale, weight_decay=weight_decay,
-                                      muon_weight_dimension_numbers=qkv_dimension_numbers)
-            tx = optax.partition({'muon': split_qkv(muon), 'adamw': tx}, labels)
+                                      muon_weight_dimension_numbers=stack_dims)
+            tx = optax.partition({'muon': stacked(muon), 'adamw': tx}, labels)
         return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0.0 else tx
     return optax.inject_hyperparams(make)(learning_rate=learning_rate)
 
 def is_muon_weight(module, array):  # the 2-D weights inside the transformer blocks
     return '/h_' in module and array.ndim == 2
 
-def _map_c_attn(fn, tree):
-    is_c_attn = lambda path: path[0].key.endswith('/c_attn') and path[-1].key == 'weight'
-    return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if is_c_attn(path) else x, tree)
+def _columns(module, shape):  # Muon's matrices in a weight: c_attn's (C, (H + 2G) D) is q, k and v
+    C, O = shape
+    return [C, (O - C) // 2, (O - C) // 2] if module.endswith('/c_attn') else [O]
 
-def split_qkv(inner):
-    """inner sees every c_attn weight (C, 3C) as (C, 3, C): q, k and v, three matrices."""
-    split = lambda tree: _map_c_attn(lambda x: x.reshape(x.shape[0], 3, -1), tree)
-    join = lambda tree: _map_c_attn(lambda x: x.reshape(x.shape[0], -1), tree)
+def stacked(inner):
+    """inner sees the Muon weights as one (n, I, O) stack per shape: a batched orthogonalisation per
+    shape instead of many small ones, each matrix's the same."""
+    def stack(tree):
+        out = {}
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            for piece in jnp.split(x, np.cumsum(_columns(path[0].key, x.shape))[:-1], axis=1):
+                out.setdefault('x'.join(map(str, piece.shape)), []).append(piece)
+        return {k: jnp.stack(v) for k, v in out.items()}
+
+    def unstack(stacks, like):
+        paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+        taken, leaves = dict.fromkeys(stacks, 0), []
+        for path, x in paths:
+            pieces = []
+            for cols in _columns(path[0].key, x.shape):
+                k = f'{x.shape[0]}x{cols}'
+                pieces.append(stacks[k][taken[k]])
+                taken[k] += 1
+            leaves.append(jnp.concatenate(pieces, axis=1))
+        return jax.tree_util.tree_unflatten(treedef, leaves)
 
     def update(updates, state, params=None):
-        updates, state = inner.update(split(updates), state, None if params is None else split(params))
-        return join(updates), state
-    return optax.GradientTransformation(lambda params: inner.init(split(params)), update)
-
-def qkv_dimension_numbers(params):
-    """Muon's (in, out) axes; c_attn's (C, 3, C) has a batch of three in the middle."""
-    dims = lambda x: optax.contrib.MuonDimensionNumbers(0, 2 if x.ndim == 3 else 1)
-    return jax.tree.map(dims, params)
+        new, state = inner.update(stack(updates), state, None if params is None else stack(params))
+        return unstack(new, updates), state
+    return optax.GradientTransformation(lambda params: inner.init(stack(params)), update)
 
 # -----------------------------------------------------------------------------
 # mixed precision
