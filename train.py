@@ -26,6 +26,7 @@ import backends
 import parallel
 from cli import die, on_interrupt
 import training
+import hellaswag
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -37,6 +38,8 @@ eval_iters = 200
 eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
 init_from = 'scratch' # 'scratch' or 'resume' or 'gpt2*' or a GPT-2 directory or a nanoGPT ckpt.pt
+eval_hellaswag = False # if True, every eval also scores HellaSwag (GPT-2's vocabulary only)
+hellaswag_examples = 0 # the first N of its 10,042 val examples; 0: all
 # wandb logging
 wandb_log = False # disabled by default
 wandb_project = 'owt'
@@ -184,6 +187,10 @@ if block_size < gptconf.block_size:
 elif block_size > gptconf.block_size:
     die(f"block_size={block_size} is longer than the model's {gptconf.block_size} (init_from={init_from!r})")
 gptconf.remat = remat # how the step computes, not the model: not in model_args
+try: # data/hellaswag/hellaswag_val.jsonl, downloaded on first use
+    hellaswag_val = hellaswag.load_examples('', hellaswag_examples, gptconf) if eval_hellaswag else []
+except (ValueError, OSError) as e:
+    die(e)
 num_params = get_num_params(param_shapes(gptconf))
 print(f"number of parameters: {num_params/1e6:.2f}M")
 sharded = f", the state sharded over {fsdp} (fsdp)" if fsdp > 1 else ""
@@ -289,13 +296,16 @@ while True:
         losses = estimate_loss(state.params) # every process takes part; the master reports
         if not math.isfinite(losses['val']):
             stop_diverged(iter_num, f"val loss is {losses['val']}")
+        acc_norm = hellaswag.evaluate(state.params, gptconf, hellaswag_val)[2] if eval_hellaswag else None
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                  f"val perplexity {training.perplexity(losses['val']):.2f}")
+                  f"val perplexity {training.perplexity(losses['val']):.2f}"
+                  + (f", hellaswag acc_norm {acc_norm:.4f}" if eval_hellaswag else ""))
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
                            "val/perplexity": training.perplexity(losses['val']), "lr": get_lr(iter_num),
-                           "mfu": running_mfu*100}) # mfu as a percentage
+                           "mfu": running_mfu*100, # mfu as a percentage
+                           **({"hellaswag/acc_norm": acc_norm} if eval_hellaswag else {})})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = losses['val']
             if iter_num > 0:

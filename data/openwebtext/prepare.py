@@ -1,12 +1,15 @@
 """OpenWebText with GPT-2's BPE into nanoGPT's train.bin (~9B tokens, ~17GB) / val.bin: needs
 `pip install datasets` and ~54GB of cache (write_documents does not)."""
+import glob
 import os
+import sys
 import numpy as np
 import tiktoken
 from tqdm import tqdm
 
 num_proc = 8  # workers for .map(): about half the CPU cores
 num_proc_load_dataset = num_proc  # for load_dataset()
+REPO, PARQUET = 'Skylion007/openwebtext', 'plain_text/train-*.parquet'
 
 enc = tiktoken.get_encoding("gpt2")
 
@@ -17,7 +20,7 @@ def process(example):
 
 def write_split(batches, arr_len, filename, total=None):
     assert enc.max_token_value < 2**16, "uint16 cannot hold this vocabulary"
-    arr = np.memmap(filename, dtype=np.uint16, mode='w+', shape=(arr_len,))
+    arr = np.memmap(filename + '.tmp', dtype=np.uint16, mode='w+', shape=(arr_len,))
     idx = 0
     for arr_batch in tqdm(batches, total=total, desc=f'writing {filename}'):
         if idx + len(arr_batch) > arr_len:
@@ -27,6 +30,7 @@ def write_split(batches, arr_len, filename, total=None):
     if idx != arr_len:
         raise ValueError(f"{filename}: wrote {idx:,} tokens, expected {arr_len:,}")
     arr.flush()
+    os.replace(filename + '.tmp', filename)  # a run cut short leaves a good file as it was
     return idx
 
 def write_documents(documents, filename, docs_per_batch=1024):
@@ -38,9 +42,17 @@ def write_documents(documents, filename, docs_per_batch=1024):
                        total=-(-len(processed) // docs_per_batch))
 
 def main():
-    from datasets import load_dataset  # only main() needs it
+    try:
+        from datasets import load_dataset  # only main() needs it
+    except ImportError:
+        sys.exit("error: data/openwebtext/prepare.py needs Hugging Face's datasets: "
+                 "pip install datasets")
+    from huggingface_hub import snapshot_download
 
-    dataset = load_dataset("openwebtext", num_proc=num_proc_load_dataset)
+    # the hub's parquet files: current datasets no longer runs the repo's loading script
+    folder = snapshot_download(REPO, repo_type='dataset', allow_patterns=PARQUET)
+    files = sorted(glob.glob(os.path.join(folder, PARQUET)))
+    dataset = load_dataset('parquet', data_files={'train': files}, num_proc=num_proc_load_dataset)
     # a single 'train' split: hold out nanoGPT's val split
     split_dataset = dataset["train"].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     split_dataset['val'] = split_dataset.pop('test')
