@@ -1,7 +1,5 @@
-"""
-Export a checkpoint to Hugging Face transformers or to nanoGPT's ckpt.pt (via interop.py), e.g.
-$ python export.py --out_dir=out-shakespeare-char --format=hf --export_dir=hf-shakespeare-char
-"""
+"""Export a checkpoint to Hugging Face transformers or to nanoGPT's ckpt.pt (via interop.py), e.g.
+$ python export.py --out_dir=out-shakespeare-char --format=hf --export_dir=hf-shakespeare-char"""
 import json
 import os
 import pickle
@@ -64,6 +62,3 @@ try:
 except OSError as e:
     die(f"cannot write to export_dir {export_dir!r} ({e.strerror or e})")
 print(f"exported {ckpt_path} (iter {meta.get('iter_num', 0)}): {', '.join(map(out, files))}")
-print(f"load with AutoModelForCausalLM.from_pretrained({export_dir!r})" if format == 'hf'
-      else "for nanoGPT: put ckpt.pt in an out_dir, then sample.py or train.py --init_from=resume"
-      + (f"; its sample.py reads {data_dir}/meta.pkl" if vocab else ""))

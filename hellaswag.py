@@ -1,7 +1,5 @@
-"""
-HellaSwag's zero-shot accuracy of a model, scored as build-nanogpt does (GPT-2: acc_norm 0.2955)
-$ python hellaswag.py --init_from=gpt2 --max_examples=1000    # or --hellaswag_file=local.jsonl
-"""
+"""HellaSwag's zero-shot accuracy of a model, scored as build-nanogpt does (GPT-2: acc_norm 0.2955)
+$ python hellaswag.py --init_from=gpt2 --max_examples=1000    # or --hellaswag_file=local.jsonl"""
 import json
 import os
 
@@ -9,39 +7,35 @@ import numpy as np
 import jax
 from tqdm import tqdm
 
-from model import from_pretrained, gpt_forward, cross_entropy
+from model import gpt_forward, cross_entropy
 import checkpoint
+import interop
 import parallel
 import training
 from cli import die
 
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 VAL_FILE = os.path.join('data', 'hellaswag', 'hellaswag_val.jsonl')  # as train.py's data: from cwd
-BUCKET = 32  # rows padded to a multiple of 32 tokens: a few shapes to compile, ~13% padding
+BUCKET = 32  # rows padded to a multiple of 32 tokens: a few shapes to compile
 
 def download():
     import requests
     os.makedirs(os.path.dirname(VAL_FILE), exist_ok=True)
-    try:  # identity: the bytes as stored, as many as Content-Length says
-        r = requests.get(URL, stream=True, timeout=30, headers={'Accept-Encoding': 'identity'})
-        size = int(r.raise_for_status() or r.headers.get('content-length', -1))
-        with open(VAL_FILE + '.tmp', 'wb') as f:
-            for chunk in tqdm(r.iter_content(2**20), 'downloading', size // 2**20 + 1, unit='MB'):
-                f.write(chunk)
+    try:  # a body short of its Content-Length raises too
+        r = requests.get(URL, timeout=30)
+        r.raise_for_status()
     except requests.RequestException as e:
         raise OSError(f"cannot download {URL} ({type(e).__name__}): put it at {VAL_FILE}")
-    if os.path.getsize(VAL_FILE + '.tmp') != size:
-        raise OSError(f"{URL} stopped short of {size:,} bytes: run again or put it at {VAL_FILE}")
+    with open(VAL_FILE + '.tmp', 'wb') as f:  # never half a file
+        f.write(r.content)
     os.replace(VAL_FILE + '.tmp', VAL_FILE)
 
-def check_vocab(config):  # GPT-2's 50257 tokens, or padded to 50304 as train.py pads them
+def check_vocab(config):  # GPT-2's 50257 tokens, or train.py's padded 50304
     if not 50257 <= config.vocab_size <= 50304:
         raise ValueError(f"HellaSwag needs GPT-2's tokens, the model has {config.vocab_size}")
 
 def load_examples(path='', max_examples=0, config=None):
-    """The first max_examples (0: all) of a HellaSwag jsonl ('': the val set, downloaded on first
-    use), each (the context's GPT-2 tokens, the 4 endings' each after a space, label); the model's
-    config checked first, if given."""
+    """The first max_examples (0: all) of a jsonl ('': the val set) as (ctx, endings, label)."""
     import tiktoken
     if config is not None:
         check_vocab(config)
@@ -53,7 +47,7 @@ def load_examples(path='', max_examples=0, config=None):
     except (OSError, UnicodeDecodeError) as e:
         raise OSError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     for i, line in enumerate(lines, 1):
-        try:  # not JSON, or a field missing or wrong: KeyError, TypeError, ValueError
+        try:
             ex = json.loads(line)
             ends = [enc.encode_ordinary(' ' + end) for end in ex['endings']]
             if type(ex['endings']) is not list or len(ends) != 4 or ex['label'] not in range(4):
@@ -65,11 +59,10 @@ def load_examples(path='', max_examples=0, config=None):
         raise ValueError(f"{path} holds no examples")
     return examples
 
-_scorers = {}  # one jitted scorer per model: each shape bucket compiles once a process
+_scorers = {}  # one jitted scorer per model: each bucket compiles once a process
 
 def ending_losses(params, config, examples, batch_rows=128):
-    """Each ending's loss on its own tokens, summed and per token, both (examples, 4): a row per
-    ending, rows sorted by length and padded to a few shapes, batch_rows rows per compiled call."""
+    """Each ending's loss on its own tokens, summed and per token: two (examples, 4) arrays."""
     check_vocab(config)
     L = config.block_size + 1  # a longer row keeps its last L tokens, as generate crops
     rows = [(ctx + end)[-L:] for ctx, ends, _ in examples for end in ends]
@@ -94,8 +87,7 @@ def ending_losses(params, config, examples, batch_rows=128):
     return mean.reshape(-1, 4) * n_N4, mean.reshape(-1, 4)
 
 def evaluate(params, config, examples, batch_rows=128):
-    """(examples, acc, acc_norm): how often the lowest summed loss, and the lowest per token, is
-    the right ending's."""
+    """(n, acc, acc_norm): how often the lowest summed loss, and per token, is the label's."""
     label_N = np.array([label for *_, label in examples])
     right = [np.mean(loss_N4.argmin(1) == label_N)
              for loss_N4 in ending_losses(params, config, examples, batch_rows)]
@@ -103,11 +95,11 @@ def evaluate(params, config, examples, batch_rows=128):
 
 if __name__ == '__main__':  # train.py imports the functions above
     # -----------------------------------------------------------------------------
-    init_from = 'resume' # 'resume' (from out_dir), 'gpt2' (or -medium, -large, -xl), HF dir, ckpt.pt
+    init_from = 'resume' # 'resume' (from out_dir), a gpt2 variant, HF dir, ckpt.pt
     out_dir = 'out' # ignored if init_from is not 'resume'
-    hellaswag_file = '' # a jsonl in HellaSwag's format; '': its val set, downloaded on first use
+    hellaswag_file = '' # a jsonl in HellaSwag's format; '': its val set, downloaded once
     max_examples = 0 # 0: all
-    batch_rows = 128 # endings scored side by side in one compiled call
+    batch_rows = 128 # endings scored in one compiled call
     device = 'cuda' # or 'cpu', 'cuda:1', etc.
     dtype = 'auto' # 'float32', 'bfloat16', 'float16'; 'auto': bfloat16 on GPU/TPU, else float32
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -117,17 +109,11 @@ if __name__ == '__main__':  # train.py imports the functions above
     training.set_precision(parallel.select_dtype(dtype, dev.platform))  # as train.py's eval
     try:
         examples = load_examples(hellaswag_file, max_examples)  # a bad file fails before the model
-        if init_from == 'resume' or init_from.endswith('.pt'):
-            ckpt_path = checkpoint.resume_path(out_dir) if init_from == 'resume' else init_from
-            arrays, _, gptconf, _, _ = checkpoint.load_model(ckpt_path)
-            params = checkpoint.params_from_arrays(arrays)
-        else:
-            gptconf, params = from_pretrained(init_from, dict(dropout=0.0))
+        gptconf, params, _, _ = interop.load_weights(init_from, out_dir)
         check_vocab(gptconf)
     except (checkpoint.CheckpointError, ValueError, OSError) as e:
         die(e)
     except Exception as e: # e.g. no network for the Hugging Face hub
-        why = (str(e).splitlines() or [''])[0]
-        die(f"could not load {init_from!r}: {type(e).__name__}: {why}")
+        die(f"could not load {init_from!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     n, acc, acc_norm = evaluate(jax.device_put(params, dev), gptconf, examples, batch_rows)
     print(f"hellaswag: {n} examples, acc {acc:.4f}, acc_norm {acc_norm:.4f}")

@@ -7,8 +7,9 @@ from dataclasses import replace
 import numpy as np
 import jax
 
-from checkpoint import CheckpointError, model_config
-from model import TRANSPOSED, GPTConfig, from_state_dict, param_shapes, to_torch_name
+from checkpoint import CheckpointError, load_model, model_config, params_from_arrays, resume_path
+from model import TRANSPOSED, GPTConfig, from_pretrained, from_state_dict, param_shapes, \
+    to_torch_name, torch_layout
 
 NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
 _MOMENTS = {'mu': 'exp_avg', 'nu': 'exp_avg_sq'}  # optax's AdamW moments -> torch's
@@ -29,15 +30,20 @@ def unsupported(config, target):
                mlp_hidden=not llama and c.mlp_hidden not in (0, 4 * c.n_embd))
     return [f'{k}={getattr(c, k)!r}' for k, v in off.items() if v]
 
+def load_weights(init_from, out_dir):
+    """(config, params, data dir, vocabulary) of 'resume', a ckpt.pt or a from_pretrained name."""
+    if init_from != 'resume' and not init_from.endswith('.pt'):
+        return *from_pretrained(init_from, dict(dropout=0.0)), None, None
+    path = resume_path(out_dir) if init_from == 'resume' else init_from
+    arrays, _, config, data_dir, vocab = load_model(path)
+    return config, params_from_arrays(arrays), data_dir, vocab
+
 def require_torch(what):
     try:
         import torch
     except ImportError:
         raise CheckpointError(f"{what} needs PyTorch: pip install torch") from None
     return torch
-
-def _torch_layout(name, a):  # torch's nn.Linear is (out, in); Haiku's and HF's Conv1D (in, out)
-    return a.T if name.endswith(TRANSPOSED) else a
 
 def nanogpt_shapes(config):
     """{name: torch shape} in nanoGPT's named_parameters() order, its AdamW state's (wte once)."""
@@ -55,7 +61,7 @@ def load_nanogpt(path):
     try:
         with warnings.catch_warnings(action='ignore'):  # a pickle-protocol warning: a second line
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:  # say why, in one line
+    except pickle.UnpicklingError as e:
         m = re.search(r'GLOBAL ([\w.]+)|Unsupported operand (\d+)', str(e))
         why = (f"it names {m[1]}" if m and m[1] else f"it holds pickle opcode {m[2]}" if m
                else "it holds more than tensors and plain containers")
@@ -116,8 +122,7 @@ def adamw_from_torch(torch, state_dict, shapes, path):
     return {**out, 'adamw.step': np.asarray(int(step), np.int64), 'adamw.lr': np.asarray(lr)}
 
 def _adamw_name(key):  # an optax AdamW state key's 'adamw.*' name, None for others
-    m = re.match(r"optimizer.*\.(mu|nu)\['([^']+)'\]\['([^']+)'\]$", key)
-    if m:
+    if m := re.match(r"optimizer.*\.(mu|nu)\['([^']+)'\]\['([^']+)'\]$", key):
         return f'adamw.{_MOMENTS[m[1]]}.{to_torch_name(m[2], m[3])}'
     if key == "optimizer.hyperparams['learning_rate']":
         return 'adamw.lr'
@@ -128,15 +133,13 @@ def adamw_to_optax(template, arrays, path):
     out = {}
     for kp, _ in jax.tree_util.tree_flatten_with_path(template)[0]:
         key = 'optimizer' + jax.tree_util.keystr(kp)
-        name = _adamw_name(key)
-        if not name:
+        if not (name := _adamw_name(key)):
             raise CheckpointError(f"{path}: torch's AdamW state has nothing for {key}")
-        out[key] = _torch_layout(name, arrays[name])
+        out[key] = torch_layout(name, arrays[name])
     return out
 
-def _weights(arrays, meta, zero_bias=False):
-    """(config, {nanoGPT name: float32 array}); zero_bias: GPT-2's, which always has biases."""
-    config = model_config(meta.get('model_args'))
+def _weights(arrays, config, zero_bias=False):
+    """{nanoGPT name: float32 array}; zero_bias: GPT-2's, which always has biases."""
     out = {}
     for name, shape in nanogpt_shapes(replace(config, bias=config.bias or zero_bias)).items():
         value = arrays.get('model.' + name)
@@ -146,21 +149,22 @@ def _weights(arrays, meta, zero_bias=False):
             got = 'missing' if value is None else np.shape(value)
             raise CheckpointError(f"the checkpoint's {name} is {got}, not {shape}")
         out[name] = np.array(value, np.float32)  # a copy: torch wants it writable
-    return config, out
+    return out
 
 def to_nanogpt(arrays, meta):
     """nanoGPT's checkpoint dict for torch.save, its AdamW state_dict made by torch."""
-    if bad := unsupported(model_config(meta.get('model_args')), 'nanogpt'):
+    config = model_config(meta.get('model_args'))
+    if bad := unsupported(config, 'nanogpt'):
         raise ValueError(f"format=nanogpt writes nanoGPT's GPT, which has no {', '.join(bad)}")
     torch = require_torch("writing nanoGPT's ckpt.pt")
-    params = {n: torch.from_numpy(a) for n, a in _weights(arrays, meta)[1].items()}
+    params = {n: torch.from_numpy(a) for n, a in _weights(arrays, config).items()}
     cfg = meta.get('config', {})
     if cfg.get('optimizer', 'adamw') != 'adamw':  # nanoGPT has AdamW only
         print(f"note: nanoGPT has no {cfg['optimizer']}: the ckpt.pt gets a fresh AdamW state")
         adamw, cfg = {}, {**cfg, 'optimizer': 'adamw'}
     else:  # a ckpt.pt's 'adamw.*', or ours under optax's names
         ours = {k: _adamw_name(k) for k in arrays}
-        adamw = {**arrays, **{n: _torch_layout(n, arrays[k]) for k, n in ours.items() if n}}
+        adamw = {**arrays, **{n: torch_layout(n, arrays[k]) for k, n in ours.items() if n}}
     lr, step = ([float(np.asarray(adamw[k]).reshape(())) for k in ('adamw.lr', 'adamw.step')]
                 if 'adamw.step' in adamw else (cfg.get('learning_rate', 6e-4), 0))
     decay, rest = ([p for p in params.values() if (p.dim() >= 2) == d] for d in (True, False))
@@ -187,8 +191,8 @@ def to_hf(arrays, meta):
                          f"{', '.join(bad)}")
     if arch == 'llama':
         return to_llama(config, {k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
-    config, weights = _weights(arrays, meta, zero_bias=True)
-    tensors = {n: np.ascontiguousarray(_torch_layout(n, a)) for n, a in weights.items()}
+    weights = _weights(arrays, config, zero_bias=True)
+    tensors = {n: np.ascontiguousarray(torch_layout(n, a)) for n, a in weights.items()}
     eot = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if it has one
     c, p = config, config.dropout
     return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size,
@@ -213,11 +217,10 @@ def to_llama(config, state_dict):
     eot = 50256 if c.vocab_size > 50256 else None
     return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c.vocab_size,
                 hidden_size=c.n_embd, intermediate_size=c.mlp_hidden or 4 * c.n_embd,
-                num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                num_key_value_heads=G, max_position_embeddings=c.block_size, hidden_act='silu',
-                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                tie_word_embeddings=c.tie_lm_head,
-                bos_token_id=eot, eos_token_id=eot), tensors
+                num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=G,
+                max_position_embeddings=c.block_size, hidden_act='silu', rms_norm_eps=c.norm_eps,
+                rope_theta=c.rope_theta, tie_word_embeddings=c.tie_lm_head, bos_token_id=eot,
+                eos_token_id=eot), tensors
 
 def from_llama(hf, path, override_args):
     """(config, params) of a Llama's config.json (a dict) and safetensors file."""

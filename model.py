@@ -1,11 +1,10 @@
-"""nanoGPT's model.py in JAX + Haiku: its modules, init and names ('transformer/h_0/attn/c_attn'
-'weight' is 'transformer.h.0.attn.c_attn.weight'); Linear weights are (in, out) as GPT-2's Conv1D.
+"""nanoGPT's model.py in JAX + Haiku, its names as paths ('transformer/h_0/attn/c_attn' 'weight'
+is 'transformer.h.0.attn.c_attn.weight'); Linear weights are (in, out) as GPT-2's Conv1D.
 
 Shape glossary (array name suffixes; jaxtyping annotations the tests check at trace time):
   B: batch size    T: sequence length (queries)    S: key/value length (cache slots)    C: n_embd
   H: n_head    G: n_kv_head    D: head size, C // H    V: vocab size    F: MLP hidden (4 * C)
-  K: eval batches
-  N: prompt + new tokens    I, O: a Linear's in and out features    R: micro-batches side by side
+  K: eval batches    N: prompt + new tokens    I, O: Linear in, out features    R: micro-batches
 e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S)."""
 import json
 import math
@@ -24,7 +23,7 @@ from jaxtyping import Array, Float, Int, UInt32
 import backends
 
 Arrayish = Array | np.ndarray
-KV = tuple[Float[Array, "B G D S"], Float[Array, "B G S D"]]  # one layer's cache: keys, values
+KV = tuple[Float[Array, "B G D S"], Float[Array, "B G S D"]]  # a layer's cached keys, values
 
 def apply_dropout(x, rate, is_training):
     return hk.dropout(hk.next_rng_key(), rate, x) if is_training and rate > 0.0 else x
@@ -55,7 +54,7 @@ class LayerNorm(hk.Module):
 def rotary(x_BTHD, pos, theta):  # H or G heads
     """Rotary position embedding, Hugging Face Llama's layout: dims i and i + D/2 turn together."""
     T, D, x32 = x_BTHD.shape[1], x_BTHD.shape[-1], x_BTHD.astype(jnp.float32)
-    freq = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # D/2 frequencies
+    freq = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)
     angle_T1D = jnp.tile((pos + jnp.arange(T))[:, None] * freq, 2)[:, None]
     x1, x2 = jnp.split(x32, 2, -1)
     y = x32 * jnp.cos(angle_T1D) + jnp.concatenate([-x2, x1], -1) * jnp.sin(angle_T1D)
@@ -78,10 +77,10 @@ class CausalSelfAttention(hk.Module):
         share = lambda a, axis: jnp.repeat(a, H // G, axis)  # each key/value head serves H // G
         if kv is None and not (is_training and cfg.dropout > 0.0):  # flash attention
             y_BTHD = backends.causal_attention(q_BTHD, share(k_BTGD, 2), share(v_BTGD, 2))
-        else:  # manual attention; the cache in the layouts its products read
+        else:  # manual attention; the cache in its products' layouts
             k_BGDS, v_BGSD = k_BTGD.transpose(0, 2, 3, 1), v_BTGD.transpose(0, 2, 1, 3)
-            if kv is not None:  # this step's keys and values go to slots pos..pos+T-1 (mod S)
-                slot = pos % kv[0].shape[-1]  # past S, a RoPE cache rolls over its oldest keys
+            if kv is not None:  # into slots pos..pos+T-1 (mod S)
+                slot = pos % kv[0].shape[-1]  # past S, a RoPE cache overwrites its oldest keys
                 kv = k_BGDS, v_BGSD = (
                     lax.dynamic_update_slice_in_dim(kv[0], k_BGDS.astype(kv[0].dtype), slot, 3),
                     lax.dynamic_update_slice_in_dim(kv[1], v_BGSD.astype(kv[1].dtype), slot, 2))
@@ -145,8 +144,8 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm: str = 'layernorm'  # 'rmsnorm' (with a weight, Llama's) or 'rmsnorm_noweight'
     norm_eps: float = 1e-5
-    qk_norm: bool = False  # each head's q and k through RMSNorm (no weight) before the product
-    tie_lm_head: bool = True  # False: the lm_head is its own (V, C) 'transformer/lm_head'
+    qk_norm: bool = False  # RMSNorm (no weight) on each head's q and k
+    tie_lm_head: bool = True  # False: its own (V, C) 'transformer/lm_head'
     softcap: float = 0.0  # logits as softcap * tanh(logits / softcap); 0.0: off
     remat: bool = False  # recompute each block in the backward: less memory
     def __post_init__(self):
@@ -173,7 +172,7 @@ class GPT(hk.Module):
         with hk.name_scope('wte'):  # nn.Embedding's table
             wte_VC = hk.get_parameter('weight', (cfg.vocab_size, cfg.n_embd), init=init)
         x_BTC = jnp.take(wte_VC, idx_BT, axis=0)
-        if not cfg.rope:  # learned positions
+        if not cfg.rope:
             with hk.name_scope('wpe'):
                 wpe_TC = hk.get_parameter('weight', (cfg.block_size, cfg.n_embd), init=init)
             x_BTC = x_BTC + jnp.take(wpe_TC, pos + jnp.arange(T), axis=0)
@@ -221,7 +220,7 @@ def init_cache(config, batch_size: int, dtype=jnp.float32, size=None) -> list[KV
     return [(jnp.zeros((B, G, D, S), dtype), jnp.zeros((B, G, S, D), dtype))
             for _ in range(config.n_layer)]
 
-def init_params(config, rng):  # one compiled call: op by op, each small op compiles on its own
+def init_params(config, rng):  # jitted: else each small op compiles on its own
     return jax.jit(gpt_forward(config).init)(rng, jnp.zeros((1, 1), jnp.int32))
 
 def param_shapes(config):
@@ -240,9 +239,12 @@ def crop_block_size(params, config, block_size):
         params['transformer/wpe']['weight'] = params['transformer/wpe']['weight'][:block_size]
     return params, replace(config, block_size=block_size)
 
-# The weights that torch's nn.Linear stores (out, in), where ours and GPT-2's Conv1D are (in, out):
+# torch's nn.Linear weights, (out, in) where ours and GPT-2's Conv1D are (in, out):
 TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight',
               'mlp.c_gate.weight')
+
+def torch_layout(name, a):  # its own inverse
+    return a.T if name.endswith(TRANSPOSED) else a
 
 def to_torch_name(module, name):
     return re.sub(r'\bh_(\d+)\b', r'h.\1', module).replace('/', '.') + '.' + name
@@ -251,9 +253,9 @@ def from_torch_name(key):
     module, name = key.rsplit('.', 1)
     return re.sub(r'\bh\.(\d+)\b', r'h_\1', module).replace('.', '/'), name
 
-def to_state_dict(params):  # numpy, in torch's layout, with a tied lm_head.weight
+def to_state_dict(params):  # numpy, torch's layout, a tied lm_head.weight
     sd = {to_torch_name(m, n): np.asarray(v) for m, p in params.items() for n, v in p.items()}
-    sd = {k: v.T if k.endswith(TRANSPOSED) else v for k, v in sd.items()}
+    sd = {k: torch_layout(k, v) for k, v in sd.items()}
     tied = 'transformer/lm_head' not in params
     return {**sd, 'lm_head.weight': sd['transformer.wte.weight']} if tied else sd
 
@@ -264,7 +266,7 @@ def from_state_dict(sd):
         k, v = k.removeprefix('_orig_mod.'), np.asarray(v)
         if k != 'lm_head.weight' and not k.endswith(('.attn.bias', '.attn.masked_bias')):
             m, n = from_torch_name(k)
-            params.setdefault(m, {})[n] = jnp.asarray(v.T if k.endswith(TRANSPOSED) else v)
+            params.setdefault(m, {})[n] = jnp.asarray(torch_layout(k, v))
     return params
 
 def from_pretrained(model_type, override_args=None):
@@ -293,14 +295,14 @@ def from_pretrained(model_type, override_args=None):
     if 'dropout' in override_args:
         print(f"overriding dropout rate to {override_args['dropout']}")
     if hf.get('model_type', 'gpt2') != 'gpt2':
-        from interop import from_llama  # with the other formats' names
+        from interop import from_llama
         return from_llama(hf, paths[1], override_args)
     config = GPTConfig(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
                        vocab_size=hf['vocab_size'], block_size=hf['n_positions'], bias=True,
                        activation=hf.get('activation_function', 'gelu_new'), **override_args)
     sd = {k if k.startswith(('transformer.', 'lm_head.')) else 'transformer.' + k: v
           for k, v in load_file(paths[1]).items()}  # the hub's names lack 'transformer.'
-    params = from_state_dict({k: v.T if k.endswith(TRANSPOSED) else v for k, v in sd.items()})
+    params = from_state_dict({k: torch_layout(k, v) for k, v in sd.items()})  # Conv1D: (in, out)
     if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, param_shapes(config)):
         raise ValueError(f"{paths[1]}: parameters do not match a GPT-2 of {config}")
     return config, params
@@ -356,7 +358,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
                         keys_B: UInt32[Array, "B 2"]) -> Int[Array, "B N"]:
         (B, T), idx_BT = idx_BT.shape, idx_BT.astype(jnp.int32)
         idx_BN = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(idx_BT)
-        def put_next(i, logits_BV, idx_BN, done_B, report):  # new token i, after T + i tokens
+        def put_next(i, logits_BV, idx_BN, done_B, report):  # new token i
             keys_i = jax.vmap(jax.random.fold_in, (0, None))(keys_B, i)
             next_B1 = sample_next(logits_BV, keys_i, temperature, top_k, top_p)[:, None]
             idx_BN = lax.dynamic_update_slice_in_dim(idx_BN, next_B1, T + i, 1)
@@ -368,7 +370,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
                 call = lambda: io_callback(on_tokens, out, i + 1, idx_BN, ordered=True)
                 report = lax.cond(i + 1 >= report, call, lambda: report)
             return idx_BN, done_B, report
-        def step(carry):  # token i; past block_size (cache None) every position shifts: no cache
+        def step(carry):  # token i; past block_size every position shifts: no cache
             i, cache, idx_BN, *state = carry
             if cache is None:  # nanoGPT's crop: the last block_size tokens, at positions from 0
                 window_BT = lax.dynamic_slice_in_dim(idx_BN, T + i - block_size, block_size, 1)
@@ -377,11 +379,11 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
                 tok_B1 = lax.dynamic_slice_in_dim(idx_BN, T + i - 1, 1, 1)
                 logits_BV, cache = decode(params, tok_B1, cache, T + i - 1)
             return (i + 1, cache, *put_next(i, logits_BV, idx_BN, *state))
-        def loop(end, *carry):  # steps until token end, or until every row is done (c[3]: done_B)
+        def loop(end, *carry):  # until token end or every row is done (c[3]: done_B)
             return lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[3]), step, carry)[2:]
         state, n_cached = (idx_BN, jnp.zeros((B,), bool), jnp.int32(1)), 0
         if T <= block_size:  # prefill the prompt in one pass, then a token a step while it fits
-            # RoPE's cache rolls on past S: a sliding window, not nanoGPT's crop (same in layer 1)
+            # past S, RoPE's cache rolls: a sliding window, not nanoGPT's crop
             S = min(block_size, T + max_new_tokens)
             cache = init_cache(config, B, params['transformer/wte']['weight'].dtype, S)
             logits_BV, cache = decode(params, idx_BT, cache, 0)

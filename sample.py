@@ -1,8 +1,6 @@
-"""
-Sample from a trained model (or a GPT-2 checkpoint), e.g.
+"""Sample from a trained model (or a GPT-2 checkpoint), e.g.
 $ python sample.py --out_dir=out-shakespeare-char --num_samples=1 --stream=True --stop="\n\n"
-$ python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --temperature=0
-"""
+$ python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --temperature=0"""
 import os
 import time
 
@@ -10,8 +8,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from model import from_pretrained, check_sampling, make_generate
+from model import check_sampling, make_generate
 import checkpoint
+import interop
 import parallel
 from cli import die, Progress
 
@@ -52,15 +51,9 @@ except ValueError as e:
 dev = parallel.select_devices(device)[0]
 dtype = parallel.select_dtype(dtype, dev.platform)
 
-# model, and its dataset's vocabulary if it has one (character-level), else GPT-2's BPE
-meta_dir = meta = None
+# model, and its vocabulary: its dataset's, its tokenizer.json or GPT-2's BPE
 try:
-    if init_from == 'resume' or init_from.endswith('.pt'):
-        ckpt_path = checkpoint.resume_path(out_dir) if init_from == 'resume' else init_from
-        arrays, _, gptconf, meta_dir, meta = checkpoint.load_model(ckpt_path)
-        params = checkpoint.params_from_arrays(arrays)
-    else:
-        gptconf, params = from_pretrained(init_from, dict(dropout=0.0))
+    gptconf, params, meta_dir, meta = interop.load_weights(init_from, out_dir)
 except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
     die(e)
 except Exception as e: # e.g. no network for the Hugging Face hub
@@ -70,12 +63,11 @@ if meta is not None:
     print(f"Loading meta from {meta_dir}...")
     if 'stoi' not in meta or 'itos' not in meta:
         die(f"the vocabulary in {meta_dir} has no stoi/itos; run its prepare.py again")
-    unknown = ', '.join(map(repr, sorted(set(start + stop) - set(meta['stoi']))))
-    if unknown:
+    if unknown := ', '.join(map(repr, sorted(set(start + stop) - set(meta['stoi'])))):
         die(f"the prompt or stop has characters outside the vocabulary in {meta_dir}: {unknown}")
     encode = lambda s: [meta['stoi'][c] for c in s]
     decode = lambda l: ''.join([meta['itos'][i] for i in l])
-elif os.path.isdir(init_from) and not 50257 <= gptconf.vocab_size <= 50304: # HF dir's own
+elif os.path.isdir(init_from) and not 50257 <= gptconf.vocab_size <= 50304:
     path = os.path.join(init_from, 'tokenizer.json')
     if not os.path.exists(path):
         die(f"{init_from} has no tokenizer.json for its {gptconf.vocab_size} tokens (not GPT-2's)")
@@ -83,9 +75,9 @@ elif os.path.isdir(init_from) and not 50257 <= gptconf.vocab_size <= 50304: # HF
         from tokenizers import Tokenizer
     except ImportError:
         die(f"reading {path} needs the tokenizers package: pip install tokenizers")
-    tokenizer = Tokenizer.from_file(path) # special tokens only as written in the text, e.g. <s>
-    encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids
-    decode = lambda l: tokenizer.decode(l)
+    tokenizer = Tokenizer.from_file(path)
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids # <s> only as written
+    decode = tokenizer.decode
 elif gptconf.vocab_size < 50257:
     die(f"the model has {gptconf.vocab_size} tokens, too few for GPT-2 BPE, and no vocabulary"
         f"{f' in {meta_dir}' if meta_dir else ''}: run where train.py ran")
@@ -94,7 +86,7 @@ else:
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
-    # ids past GPT-2's 50257 (a padded vocabulary's) print as U+FFFD
+    # a padded vocabulary's ids past GPT-2's print as U+FFFD
     token = lambda i: enc.decode_single_token_bytes(i) if i < enc.n_vocab else '\ufffd'.encode()
     decode = lambda l: b''.join(map(token, l)).decode('utf-8', errors='replace')
 
@@ -120,8 +112,7 @@ class Streamer(Progress):  # prints the new text as the compiled loop makes it
         print(text[len(self.printed):], end='', flush=True)
         self.printed = text
 
-# run generation: compiled once (timed apart), then one call per batch; sample k draws with
-# fold_in(PRNGKey(seed), k), the same tokens alone or in a batch
+# run generation: sample k draws with fold_in(PRNGKey(seed), k), alone or in a batch
 progress = Streamer('', every=0.02, disable=True) if stream else Progress('sampling')
 key = jax.random.PRNGKey(seed)
 keys_of = lambda i: jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(i, i + batch_size))

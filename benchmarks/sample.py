@@ -48,7 +48,6 @@ def table(title, a, b, *rows):
 
 same = lambda a, b: "the same" if np.array_equal(a, b) else "DIFFERENT"
 race = lambda a, b: map(min, zip(*[(best_of(a)[0], best_of(b)[0]) for _ in range(turns)]))
-started = lambda progress, total, fn: lambda: progress.start(total) or fn()  # a Progress per run
 
 kv_time, kv_out = best_of(generator(max_new_tokens, 1, temperature=0.0))
 kv_fit_time = best_of(generator(n_fit, 1, temperature=0.0))[0] if n_fit else 0.0
@@ -88,6 +87,7 @@ table(f"2. {num_samples} samples ({same(batch_out, np.concatenate(one_out))} tok
 streamer, text = cli.Progress('', every=0.02, disable=True), io.StringIO()  # 3.: not to a tty
 streamer.show = lambda n, idx_BN: text.write(
     ' '.join(map(str, idx_BN[0, prompt_len + streamer.n:prompt_len + n].tolist())))
-stream = started(streamer, max_new_tokens, generator(max_new_tokens, 1, on_tokens=streamer, **rule))
+streamed = generator(max_new_tokens, 1, on_tokens=streamer, **rule)
+stream = lambda: streamer.start(max_new_tokens) or streamed()  # a Progress per run
 table(f"3. one sample ({same(stream(), one_out[0])} tokens)", 'streamed', 'not streamed',
       (f"{max_new_tokens} new tokens", *race(stream, single), max_new_tokens))

@@ -120,7 +120,10 @@ def test_openwebtext_tokenize_and_write(tmp_path):
     for d in docs:
         want += enc.encode_ordinary(d['text']) + [enc.eot_token]
     filename = str(tmp_path / 'val.bin')
-    n = owt.write_documents(docs, filename, docs_per_batch=3)  # several batches, one of them partial
+    processed = [owt.process(d) for d in docs]
+    batches = [np.concatenate([p['ids'] for p in processed[i:i + 3]]).astype(np.uint16)
+               for i in (0, 3)]  # several batches, one of them partial
+    n = owt.write_split(batches, sum(p['len'] for p in processed), filename)
     got = np.memmap(filename, dtype=np.uint16, mode='r')
     assert n == len(want) == len(got)
     assert got.tolist() == want

@@ -13,7 +13,7 @@ def fetch(name):
     """A shard's path in the Hugging Face cache and its token count, its header checked."""
     try:
         path = hf_hub_download(REPO, name, repo_type='dataset')
-    except Exception as e:  # offline without it, no network, a bad HF_TOKEN
+    except Exception as e:  # e.g. offline, a bad HF_TOKEN
         sys.exit(f"error: cannot fetch {name} from {REPO}: {type(e).__name__}: {e}".split('\n')[0])
     header = np.fromfile(path, dtype=np.int32, count=HEADER)
     size, n = os.path.getsize(path), int(header[2]) if len(header) == HEADER else -1

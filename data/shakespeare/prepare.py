@@ -19,10 +19,7 @@ with open(input_file_path, 'r', encoding='utf-8') as f:
     data = f.read()
 n = len(data)
 enc = tiktoken.get_encoding("gpt2")
-train_ids = np.array(enc.encode_ordinary(data[:int(n * 0.9)]), dtype=np.uint16)
-val_ids = np.array(enc.encode_ordinary(data[int(n * 0.9):]), dtype=np.uint16)
-print(f"train has {len(train_ids):,} tokens")  # 301,966
-print(f"val has {len(val_ids):,} tokens")  # 36,059
-train_ids.tofile(os.path.join(here, 'train.bin'))
-val_ids.tofile(os.path.join(here, 'val.bin'))
-print(f"wrote train.bin and val.bin to {here}")
+for split, text in (('train', data[:int(n * 0.9)]), ('val', data[int(n * 0.9):])):
+    ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
+    print(f"{split} has {len(ids):,} tokens")  # train 301,966, val 36,059
+    ids.tofile(os.path.join(here, f'{split}.bin'))

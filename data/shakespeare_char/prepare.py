@@ -20,21 +20,17 @@ with open(input_file_path, 'r', encoding='utf-8') as f:
 print(f"length of dataset in characters: {len(data):,}")  # 1,115,394
 
 chars = sorted(set(data))
-vocab_size = len(chars)
 print("all the unique characters:", ''.join(chars))
-print(f"vocab size: {vocab_size:,}")  # 65
+print(f"vocab size: {len(chars):,}")  # 65
 stoi = {ch: i for i, ch in enumerate(chars)}
 itos = {i: ch for i, ch in enumerate(chars)}
 
 n = len(data)
-train_ids = np.array([stoi[c] for c in data[:int(n * 0.9)]], dtype=np.uint16)
-val_ids = np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16)
-print(f"train has {len(train_ids):,} tokens")  # 1,003,854
-print(f"val has {len(val_ids):,} tokens")  # 111,540
-train_ids.tofile(os.path.join(here, 'train.bin'))
-val_ids.tofile(os.path.join(here, 'val.bin'))
+for split, text in (('train', data[:int(n * 0.9)]), ('val', data[int(n * 0.9):])):
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    print(f"{split} has {len(ids):,} tokens")  # train 1,003,854, val 111,540
+    ids.tofile(os.path.join(here, f'{split}.bin'))
 
-# for sample.py (JSON keys are strings: load_meta turns itos's back into ints)
+# for sample.py; load_meta turns itos's string keys back into ints
 with open(os.path.join(here, 'meta.json'), 'w', encoding='utf-8') as f:
-    json.dump(dict(vocab_size=vocab_size, itos=itos, stoi=stoi), f, ensure_ascii=False, indent=0)
-print(f"wrote train.bin, val.bin and meta.json to {here}")
+    json.dump(dict(vocab_size=len(chars), itos=itos, stoi=stoi), f, ensure_ascii=False, indent=0)
