@@ -1,5 +1,4 @@
-"""model.py's four ops (matmul, lm_head, causal_attention, residual), each its plain op, in a fast
-form where a backend runs that slowly; each gained 3% or more (BENCHMARKS.md). N: any leading dims."""
+"""model.py's device ops: each its plain op, or a form measured 3% faster (BENCHMARKS.md)."""
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -31,39 +30,26 @@ def setup_cpu(device, n_layer, n_embd, rows):
     return all(mallopt(k, v) == 1 for k, v in ((-8, 1), (-4, 0), (-1, -1)))
 
 def on_cpu():
-    """Whether the XLA:CPU paths apply."""
     return jax.default_backend() == 'cpu'
 
-def _custom_grad(fn, grad):
-    """fn, differentiated by grad(*args, g) -> the args' gradients, not by autodiff."""
+def _cpu_grad(fn, grad):  # fn; on the CPU differentiated by grad(*args, g), not by autodiff
     custom = jax.custom_vjp(fn)
     custom.defvjp(lambda *args: (fn(*args), args), lambda args, g: grad(*args, g))
-    return custom
+    return lambda *args: custom(*args) if on_cpu() else fn(*args)
 
-_rows = lambda a_N: a_N.reshape(-1, a_N.shape[-1])
-# x^T behind a barrier: else XLA folds it into the dot or transposes the bigger g (both slower)
-_cpu_matmul = _custom_grad(lambda x_NI, w_IO: x_NI @ w_IO, lambda x_NI, w_IO, g_NO: (
+_rows = lambda a_N: a_N.reshape(-1, a_N.shape[-1])  # N: any leading dims
+# a Linear's x @ w; x^T behind a barrier: else XLA folds it into the dot or transposes the bigger g
+matmul = _cpu_grad(lambda x_NI, w_IO: x_NI @ w_IO, lambda x_NI, w_IO, g_NO: (
     g_NO @ w_IO.T, jax.lax.optimization_barrier(_rows(x_NI).T) @ _rows(g_NO)))
-# wte's gradient g^T x straight in its (V, C) layout: autodiff transposed the big g
-_cpu_lm_head = _custom_grad(lambda x_NC, w_VC: x_NC @ w_VC.T, lambda x_NC, w_VC, g_NV: (
+# x @ w^T, w the tied wte: its gradient g^T x straight in its (V, C) layout, not a transposed big g
+lm_head = _cpu_grad(lambda x_NC, w_VC: x_NC @ w_VC.T, lambda x_NC, w_VC, g_NV: (
     g_NV @ w_VC, _rows(g_NV).T @ _rows(x_NC)))
-
-def matmul(x_NI, w_IO):  # a Linear's product
-    return _cpu_matmul(x_NI, w_IO) if on_cpu() else x_NI @ w_IO
-
-def lm_head(x_NC, w_VC):  # x @ w^T, w the tied token embedding table
-    return _cpu_lm_head(x_NC, w_VC) if on_cpu() else x_NC @ w_VC.T
-
-# g / an array of exact 1s (NaN or not): XLA:CPU fuses no such divide, so g is written out once
-_cpu_residual = _custom_grad(lambda x: x, lambda x, g: (
+# x; its gradient (the layers above's sum) written out once, not per LayerNorm: XLA:CPU fuses
+# no divide by an array of exact 1s (NaN or not)
+residual = _cpu_grad(lambda x: x, lambda x, g: (
     g / ((x == x).astype(g.dtype) + (x != x).astype(g.dtype)),))
 
-def residual(x):
-    """x; on the CPU its gradient (the layers above's sum) is stored once, not per LayerNorm."""
-    return _cpu_residual(x) if on_cpu() else x
-
-def causal_attention(q_BTHD, k_BTHD, v_BTHD):
-    """softmax(q k^T / sqrt(D), causal) v, in each device's fastest exact form."""
+def causal_attention(q_BTHD, k_BTHD, v_BTHD):  # softmax(q k^T / sqrt(D), causal) v
     qkv = (q_BTHD, k_BTHD, v_BTHD)
     if on_cpu():
         return blocked_causal_attention(*qkv, ATTENTION_BLOCK)
@@ -77,7 +63,7 @@ def causal_attention(q_BTHD, k_BTHD, v_BTHD):
     return jax.nn.dot_product_attention(*qkv, is_causal=True)
 
 def blocked_causal_attention(q_BTHD, k_BTHD, v_BTHD, block):
-    """Causal attention `block` queries at a time, masked blocks skipped; fp32 scores."""
+    """`block` queries at a time, masked blocks skipped; fp32 scores."""
     heads_first = lambda a: a.transpose(0, 2, 1, 3)  # BTHD <-> BHTD
     return heads_first(_blocked_attention(*map(heads_first, (q_BTHD, k_BTHD, v_BTHD)), block))
 

@@ -29,7 +29,6 @@ optimizer, fsdp, remat = 'adamw', 1, False # as train.py
 burnin, num_steps = 10, 20 # untimed iterations, then timed ones
 peak_flops = 0.0 # for MFU; 0: the device's table, else measured
 compare = '' # 'torch': also Hugging Face's GPT-2 in PyTorch, same batches
-torch_threads = 0 # 0: torch's default
 # -----------------------------------------------------------------------------
 _defaults = dict(globals())
 exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
@@ -93,13 +92,13 @@ print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_what})")
 training.set_precision(dtype)
 compiled = training.compile_steps(gptconf, tx, mesh, G, batch_size, dtype, seed, from_scratch=True)
 step, compile_s = compiled['train step']
-lr = np.float32(1e-4)
 state = compiled['initial state'][0](jax.random.PRNGKey(seed)) # under fsdp, made in its shards
 
 def jax_step(it):
     global state
     x, y = (training.arrange(a, ranks) for a in make_batch(it))
-    state, metrics = step(state, parallel.put_batch(training.Batch(x, y), mesh), lr, np.int32(it))
+    state, metrics = step(state, parallel.put_batch(training.Batch(x, y), mesh), np.float32(1e-4),
+                          np.int32(it))
     return float(parallel.local_value(metrics['loss']))
 
 steps = {'jax': (jax_step, compile_s)}
@@ -109,7 +108,6 @@ if compare:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as e:
         die(f"--compare=torch: {e} (pip install torch transformers)")
-    torch.set_num_threads(torch_threads or torch.get_num_threads())
     tdev = 'cuda' if platform == 'gpu' and torch.cuda.is_available() else 'cpu'
     torch.manual_seed(seed)
     tmodel = GPT2LMHeadModel(GPT2Config(n_positions=block_size, **dims, activation_function='gelu',

@@ -1,5 +1,4 @@
-"""Our checkpoint file: safetensors arrays ('model.<nanoGPT name>', 'optimizer<key path>'), the rest
-JSON, a sha256 over both, written atomically."""
+"""Our checkpoint: safetensors arrays, the rest JSON, a sha256 over both, written atomically."""
 import contextlib
 import fcntl
 import fnmatch
@@ -18,7 +17,7 @@ import training
 CKPT_NAME = 'ckpt.safetensors'
 
 class CheckpointError(Exception):
-    """A checkpoint that is missing, damaged or not ours; the message names it."""
+    """A checkpoint that is missing, damaged or not ours."""
 
 def _bytes(a):  # little-endian, C order: a copy only where a is transposed
     return np.ascontiguousarray(a, a.dtype.newbyteorder('<')).reshape(-1).view(np.uint8)
@@ -39,7 +38,7 @@ def save_checkpoint(path, arrays, meta):
         header[name] = {'dtype': dtype, 'shape': a.shape, 'data_offsets': [end, end + a.nbytes]}
         end += a.nbytes
     head = json.dumps(header).encode()
-    head += b' ' * (-len(head) % 8)  # padded to 8 bytes
+    head += b' ' * (-len(head) % 8)
     folder = os.path.dirname(os.path.abspath(path))
     for name in fnmatch.filter(os.listdir(folder), '.tmp-*.safetensors'):  # dead writers' files
         with contextlib.suppress(OSError), open(os.path.join(folder, name), 'rb') as f:
@@ -75,12 +74,10 @@ def check_writable(out_dir):
                          f"--out_dir") from None
 
 def resume_path(out_dir):
-    """Ours, else nanoGPT's ckpt.pt."""
     ours, pt = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, 'ckpt.pt')
     return pt if not os.path.exists(ours) and os.path.exists(pt) else ours
 
-def load_checkpoint(path):
-    """(arrays, meta) of our checkpoint or of a nanoGPT ckpt.pt."""
+def load_checkpoint(path):  # (arrays, meta) of our checkpoint or of a nanoGPT ckpt.pt
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}: check the path, or train one first")
     try:
@@ -108,20 +105,18 @@ def model_config(model_args, path='the checkpoint'):
     except (TypeError, ValueError) as e:  # None too: not train.py's
         raise CheckpointError(f"{path}: bad model_args {model_args} ({e})") from None
 
-def load_model(path):
-    """(arrays, meta, config, data dir, vocabulary or None)."""
+def load_model(path):  # (arrays, meta, config, data dir, vocabulary or None)
     arrays, meta = load_checkpoint(path)
     config = model_config(meta.get('model_args'), path)
     dataset = meta.get('config', {}).get('dataset')
     data_dir = os.path.join('data', dataset) if dataset else None
     vocab = training.load_meta(data_dir) if data_dir else None
-    if vocab is not None and vocab['vocab_size'] != config.vocab_size:
+    if vocab and vocab['vocab_size'] != config.vocab_size:
         raise ValueError(f"the vocabulary in {data_dir} has {vocab['vocab_size']} tokens but the "
                          f"model has {config.vocab_size}: run where train.py ran")
     return arrays, meta, config, data_dir, vocab
 
-def describe(out_dir, state):
-    """'the checkpoint in out (iter 250) is <state>'."""
+def describe(out_dir, state):  # 'the checkpoint in out (iter 250) is <state>'
     path = os.path.join(out_dir, CKPT_NAME)
     if not os.path.exists(path):
         return "no checkpoint was written"
@@ -136,17 +131,15 @@ def flatten(tree, prefix):
     return {prefix + jax.tree_util.keystr(kp): np.asarray(leaf) for kp, leaf in leaves}
 
 def unflatten_like(template, arrays, prefix, path):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    out = []
-    for kp, leaf in leaves:
+    def restore(kp, leaf):
         name = prefix + jax.tree_util.keystr(kp)
         if name not in arrays:
             raise CheckpointError(f"{path} lacks {name}: written for another model or optimizer")
         value, shape = arrays[name], np.shape(leaf)
         if np.shape(value) != shape and not np.size(value) == np.size(leaf) == 1:  # () or (1,)
             raise CheckpointError(f"{path}: {name} has shape {np.shape(value)}, not {shape}")
-        out.append(np.reshape(value, shape).astype(leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+        return np.reshape(value, shape).astype(leaf.dtype)
+    return jax.tree_util.tree_map_with_path(restore, template)
 
 def params_to_arrays(params):
     return {'model.' + k: v for k, v in to_state_dict(params).items() if k != 'lm_head.weight'}
@@ -158,8 +151,7 @@ def state_arrays(state):
     return {**params_to_arrays(state.params), **flatten(state.opt_state, 'optimizer'),
             **flatten(state.loss_scale, 'loss_scale')}
 
-def restore_state(state, arrays, path):
-    """state with a checkpoint's optimizer state and loss scale."""
+def restore_state(state, arrays, path):  # the checkpoint's optimizer state and loss scale
     if 'adamw.step' in arrays:  # a ckpt.pt's torch AdamW
         from interop import adamw_to_optax
         arrays = adamw_to_optax(state.opt_state, arrays, path)

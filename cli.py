@@ -20,21 +20,19 @@ def die(msg):
     sys.exit(1)
 
 def exit_alone(code):
-    """Leaves now, without exit handlers (jax.distributed's wait minutes for every process); process
-    0 hosts the coordinator, so it leaves last."""
+    """Leaves now, without exit handlers (jax.distributed's wait minutes for every process)."""
     sys.stdout.flush()
     sys.stderr.flush()
     if jax.distributed.is_initialized() and jax.process_index() == 0:
-        time.sleep(2)
+        time.sleep(2)  # the coordinator's host leaves last
     os._exit(code)
 
 def on_interrupt(describe):
-    """Ctrl-C from here on, anywhere: `error: describe()`, exit status 130. Python's handlers run only
-    between bytecodes, not in a compiled call: set_wakeup_fd's byte wakes a thread that exits."""
+    """Ctrl-C, even in a compiled call (Python's handlers wait): `error: describe()`, exit 130."""
     read, write = os.pipe()
     os.set_blocking(write, False)
-    signal.signal(signal.SIGINT, lambda *_: None)  # the watcher does the work
-    signal.set_wakeup_fd(write)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.set_wakeup_fd(write)  # its byte wakes the watcher thread
 
     def watch():
         while os.read(read, 1) != bytes([signal.SIGINT]):
@@ -45,14 +43,13 @@ def on_interrupt(describe):
     threading.Thread(target=watch, daemon=True).start()
 
 class Progress:
-    """A tqdm bar fed by a host callback from a compiled loop: called with the steps done, it returns
-    the step to be called at next, ~`every` seconds on. start(total) before a run, close() after."""
+    """A tqdm bar fed by a compiled loop's callback, which it tells when to call next (~`every` s)."""
 
-    def __init__(self, desc, every=0.25, delay=2.0, disable=False):
-        self.desc, self.every, self.delay, self.disable, self.bar = desc, every, delay, disable, None
+    def __init__(self, desc, every=0.25, disable=False):
+        self.desc, self.every, self.disable = desc, every, disable
 
     def start(self, total):
-        self.bar = tqdm(total=total, desc=self.desc, delay=self.delay, disable=self.disable, leave=False)
+        self.bar = tqdm(total=total, desc=self.desc, delay=2.0, disable=self.disable, leave=False)
         self.t, self.n = time.time(), 0
 
     def __call__(self, n, *args):

@@ -1,5 +1,4 @@
-"""Where a run computes: its processes, devices, dtype, one mesh with the arrays' layouts on it, and
-compiling on shapes against the devices' memory."""
+"""Where a run computes: processes, devices, dtype, the mesh and its layouts, the memory check."""
 import concurrent.futures
 import math
 import os
@@ -9,11 +8,11 @@ import zlib
 
 import numpy as np
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cli import die, exit_alone
 
-DTYPES = ('float32', 'bfloat16', 'float16')
 PLATFORMS = {'cuda': 'gpu', 'gpu': 'gpu', 'rocm': 'gpu', 'cpu': 'cpu', 'tpu': 'tpu', 'mps': 'METAL'}
 
 def pin_platform(device):  # --device=cpu runs on the CPU even where JAX also has a GPU
@@ -23,10 +22,8 @@ def pin_platform(device):  # --device=cpu runs on the CPU even where JAX also ha
 SETTINGS_THAT_MAY_DIFFER = ('out_dir', 'dataset', 'coordinator_address', 'num_processes', 'process_id',
                             'wandb_log', 'wandb_project', 'wandb_run_name')
 
-def start_processes(coordinator_address, num_processes, process_id, backend, config,
-                    may_differ=SETTINGS_THAT_MAY_DIFFER):
-    """Joins a multi-process run (torchrun's role, JAX_* variables as defaults), the same settings
-    in every process."""
+def start_processes(coordinator_address, num_processes, process_id, backend, config):
+    """Joins a multi-process run (torchrun's role), JAX_* variables as defaults."""
     coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
     try:
         num_processes = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', '1'))
@@ -34,21 +31,20 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
     except ValueError:
         die("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers")
     auto = coordinator_address == 'auto'
-    if num_processes <= 1 and not auto:
-        return
-    if not auto and not coordinator_address:
-        die(f"num_processes={num_processes} needs a coordinator: set --coordinator_address=host:port of "
-            f"process 0 (or JAX_COORDINATOR_ADDRESS), the same on every process")
-    if not auto and not 0 <= process_id < num_processes:
-        die(f"process_id={process_id}: give each process its own --process_id (or JAX_PROCESS_ID) in "
-            f"[0, {num_processes})")
+    if not auto:
+        if num_processes <= 1:
+            return
+        if not coordinator_address:
+            die(f"num_processes={num_processes} needs a coordinator: set --coordinator_address="
+                f"host:port of process 0 (or JAX_COORDINATOR_ADDRESS), the same on every process")
+        if not 0 <= process_id < num_processes:
+            die(f"process_id={process_id}: give each process its own --process_id (or "
+                f"JAX_PROCESS_ID) in [0, {num_processes})")
     jax.config.update('jax_cpu_collectives_implementation', 'mpi' if backend == 'mpi' else 'gloo')
     try:
-        if auto:
-            jax.distributed.initialize(None, num_processes if num_processes > 1 else None,
-                                       process_id if process_id >= 0 else None)
-        else:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(None if auto else coordinator_address,
+                                   num_processes if num_processes > 1 else None,
+                                   process_id if process_id >= 0 else None)
     except Exception as e:  # a cluster JAX does not know, an unreachable coordinator, a port in use
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip('.')
         if auto and 'coordinator_address should be defined' in reason:
@@ -60,8 +56,7 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
         die(f"cannot join the multi-process run (coordinator_address={coordinator_address!r}): "
             f"{reason}; {hint}")
 
-    def excepthook(kind, value, tb, default=sys.excepthook):
-        # when one process stops, a collective fails in every other
+    def excepthook(kind, value, tb, default=sys.excepthook):  # one process stops: all others fail
         if isinstance(value, jax.errors.JaxRuntimeError):
             print(f"error: process {jax.process_index()} of {jax.process_count()}: "
                   f"{str(value).strip().splitlines()[0]}; if another process stopped first, its output "
@@ -70,8 +65,7 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
             default(kind, value, tb)
         exit_alone(1)
     sys.excepthook = excepthook
-    from jax.experimental import multihost_utils
-    keys = sorted(k for k in config if k not in may_differ)
+    keys = sorted(k for k in config if k not in SETTINGS_THAT_MAY_DIFFER)
     fingerprint = np.array([zlib.crc32(repr(config[k]).encode()) for k in keys], np.uint32)
     columns = multihost_utils.process_allgather(fingerprint).T
     differ = [k for k, col in zip(keys, columns) if len(set(col.tolist())) > 1]
@@ -79,8 +73,7 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
         die(f"the processes were started with different settings ({', '.join(differ)}): "
             f"run the same command on every host")
 
-def select_devices(device):
-    """Every process's devices of a platform, or one ('cuda:1')."""
+def select_devices(device):  # every process's devices of a platform, or one ('cuda:1')
     name, _, index = device.partition(':')
     try:
         devices = jax.devices(PLATFORMS.get(name, name))
@@ -99,11 +92,10 @@ def select_devices(device):
         devices = [devices[int(index)]]
     return devices
 
-def select_dtype(dtype, platform):
-    """'auto': bfloat16 on GPU/TPU, float32 on the CPU (where it is the fast one)."""
+def select_dtype(dtype, platform):  # 'auto': bfloat16 on GPU/TPU, float32 on the CPU
     if dtype == 'auto':
         return 'bfloat16' if platform in ('gpu', 'tpu') else 'float32'
-    if dtype not in DTYPES:
+    if dtype not in ('float32', 'bfloat16', 'float16'):
         die(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     return dtype
 
@@ -134,16 +126,14 @@ def make_mesh(devices, fsdp):  # fsdp=1 is data parallel: DDP's whole copies
     return Mesh(np.array(devices).reshape(-1, fsdp), (DATA, SHARDS))
 
 def side_by_side(accumulation, batch_size, mesh):
-    """(micro-steps, ranks): micro-batches run `ranks` at a time, as on DDP's ranks, rows over
-    every device."""
+    """(micro-steps, ranks): micro-batches run `ranks` at a time, as on DDP's ranks."""
     ranks = math.gcd(accumulation, mesh.size)
     if ranks * batch_size % mesh.size:
         raise ValueError(f"gradient_accumulation_steps={accumulation} must be divisible by the number "
                          f"of devices ({mesh.size})")
     return accumulation // ranks, ranks
 
-def array_sharding(mesh, shape):
-    """Split over SHARDS along the longest axis they divide."""
+def array_sharding(mesh, shape):  # split over SHARDS along the longest axis they divide
     n = mesh.shape[SHARDS]
     axes = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i]) if shape[i] % n == 0]
     spec = [None] * len(shape)
@@ -181,15 +171,12 @@ def put_state(tree, shardings):  # from host arrays each device gets only its sl
         return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
     return jax.tree.map(place, tree, shardings)
 
-def get_state(tree):
-    """Numpy arrays, gathered one at a time; every process must call it."""
-    from jax.experimental import multihost_utils
-
+def get_state(tree):  # numpy arrays, gathered one at a time; every process must call it
     def gather(a):
         if a.is_fully_addressable:
             return np.asarray(a)
         if a.is_fully_replicated:
-            return np.asarray(a.addressable_data(0))
+            return local_value(a)
         return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return jax.tree.map(gather, tree)
 
@@ -212,26 +199,21 @@ def compile_ahead(jobs, compiler_options=None):
 def compiled_bytes(compiled):  # XLA's estimate of one device's peak memory, or None
     try:
         m = compiled.memory_analysis()
-    except Exception:
+        m = m[0] if isinstance(m, (list, tuple)) else m
+        return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    except Exception:  # a backend without the analysis (None, or not implemented)
         return None
-    m = m[0] if isinstance(m, (list, tuple)) else m
-    if m is None:
-        return None
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
 
 def device_memory_bytes(device):  # its allocator's limit on GPU/TPU, the machine's RAM on a CPU
     try:
-        stats = device.memory_stats()
+        stats = device.memory_stats() or {}
     except Exception:
-        stats = None
-    if stats and stats.get('bytes_limit'):
+        stats = {}
+    if stats.get('bytes_limit'):
         return int(stats['bytes_limit'])
     if device.platform == 'cpu':
-        try:
-            return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-        except (ValueError, OSError, AttributeError):
-            return None
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     return None
 
 def process_bytes(compiled, mesh):
@@ -240,19 +222,18 @@ def process_bytes(compiled, mesh):
     local = mesh.local_devices
     return None if None in need else max(need) * (len(local) if local[0].platform == 'cpu' else 1)
 
-def check_memory(compiled, mesh, other_settings=None):
+def check_memory(compiled, mesh, other_settings):
     """Prints XLA's estimate; dies when the devices have less, with other_settings()' estimates."""
-    need = process_bytes(compiled, mesh)
+    need, device = process_bytes(compiled, mesh), mesh.local_devices[0]
     if need is None:
         return
-    device = mesh.local_devices[0]
     have = device_memory_bytes(device)
     where = (f"{len(mesh.local_devices)} cpu device(s) (machine RAM)" if device.platform == 'cpu'
              else f"one {device.device_kind}")
     print(f"memory: the compiled step needs ~{need / 2**30:.3f} GiB (XLA estimate) on {where}, which has "
           + (f"{have / 2**30:.2f} GiB" if have else "an unknown amount"))
     if have and need > have:
-        estimates = [(flags, process_bytes(c, m)) for flags, c, m in (other_settings or list)()]
+        estimates = [(flags, process_bytes(c, m)) for flags, c, m in other_settings()]
         others = ", ".join(f"{flags} ~{b / 2**30:.2f} GiB" + (" (fits)" if b <= have else "")
                            for flags, b in estimates if b)
         die(f"the compiled training step needs ~{need / 2**30:.2f} GiB but {where} has "
