@@ -1,5 +1,5 @@
-"""AdamW against Muon on the README's CPU model, a train.py run each per seed: when val loss first
-reaches target, and its last value."""
+"""Named train.py runs taking turns, one of each per seed: each run's wall time (the whole process,
+start-up and compile included) and its last val loss, and its time over the first run's."""
 import os
 import re
 from statistics import mean, stdev
@@ -9,44 +9,46 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-seeds, muon_lr = 5, 0.02  # seeds 0 .. seeds-1
-target = 1.90  # val loss
-max_iters, eval_interval = 2000, 50  # eval_interval: how finely the time to target is resolved
-optimizers = 'adamw muon'  # e.g. --optimizers=muon to tune muon_lr
+seeds = 5  # seeds 0 .. seeds-1
+runs = 'adamw muon speedrun'  # names from RUNS, the first the yardstick; e.g. --runs='muon'
+flags = ''  # added to every run, e.g. --flags='--muon_lr=0.05'
 exec(open(os.path.join(REPO, 'configurator.py')).read())
-CPU = dict(device='cpu', compile=False, eval_iters=20, log_interval=1, block_size=64, batch_size=12,
-           n_layer=4, n_head=4, n_embd=128, dropout=0.0)  # the Makefile's CPU flags
+README = ('config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 '
+          '--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 '
+          '--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0')  # the README's CPU command
+RUNS = {
+    'adamw': README,
+    'muon': README + ' --optimizer=muon --muon_lr=0.02 --max_iters=600 --lr_decay_iters=600 '
+                     '--eval_interval=300',
+    'speedrun': 'config/train_shakespeare_char.py config/train_shakespeare_char_speedrun.py '
+                '--device=cpu --compile=False --eval_iters=20 --block_size=64',
+}
 
-def run(optimizer, seed):
-    """(iteration at target, seconds to it since the first eval, or None; the last val loss)."""
-    config = f"config/train_shakespeare_char{'_muon' if optimizer == 'muon' else ''}.py"
+def run(name, seed):
+    """(wall seconds of the whole train.py process, its last val loss)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        flags = dict(CPU, out_dir=out_dir, seed=seed, max_iters=max_iters, lr_decay_iters=max_iters,
-                     eval_interval=eval_interval, optimizer=optimizer, muon_lr=muon_lr)
-        cmd = [sys.executable, '-u', 'train.py', config, *(f'--{k}={v}' for k, v in flags.items())]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-        evals = [(int(m[1]), float(m[2]), time.perf_counter()) for line in proc.stdout
-                 if (m := re.match(r'step (\d+): train loss \S+, val loss ([^\s,]+)', line))]
-        if proc.wait():
-            sys.exit(f"{' '.join(cmd)} failed with exit status {proc.returncode}")
-    it, s = next(((it, t - evals[0][2]) for it, val, t in evals if val <= target), (None, None))
-    print(f"seed {seed} {optimizer:5}: val loss {target} at iter {it}, {s and round(s, 1)} s; "
-          f"val loss at iter {max_iters}: {evals[-1][1]:.4f}", flush=True)
-    return it, s, evals[-1][1]
+        cmd = [sys.executable, 'train.py', *f'{RUNS[name]} {flags}'.split(),
+               f'--seed={seed}', f'--out_dir={out_dir}']
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        s = time.perf_counter() - t
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed with exit status {proc.returncode}")
+    val = float(re.findall(r'^step \d+: .*val loss ([^\s,]+)', proc.stdout, re.M)[-1])
+    print(f"seed {seed} {name:9}: {s:6.1f} s, val loss {val:.4f}", flush=True)
+    return s, val
 
-def spread(xs):
-    xs = [x for x in xs if x is not None]
-    return f"{mean(xs):.4g} ± {stdev(xs) if xs[1:] else 0:.2g} ({len(xs)} runs)" if xs else "never"
-
-print(f"README CPU model, {max_iters} iterations, eval every {eval_interval}; AdamW at "
-      f"learning_rate 1e-3 (the config's), Muon at muon_lr {muon_lr} (the rest AdamW at 1e-3)")
-runs = [(opt, run(opt, seed)) for seed in range(seeds) for opt in optimizers.split()]  # alternating
-secs = {}
-for optimizer in dict.fromkeys(optimizers.split()):
-    its, s, last = zip(*[r for o, r in runs if o == optimizer])
-    print(f"{optimizer:5}: iterations to {target}: {spread(its)}; seconds: {spread(s)}; "
-          f"val loss at {max_iters}: {spread(last)}")
-    secs[optimizer] = [x for x in s if x is not None]
-if len(secs) == 2 and all(secs.values()):
-    print(f"Muon's wall time to {target} over AdamW's (means): "
-          f"{mean(secs['muon']) / mean(secs['adamw']):.2f}")
+names = runs.split()
+got = {(n, seed): run(n, seed) for seed in range(seeds) for n in names}  # taking turns per seed
+col = lambda n, i: [got[n, s][i] for s in range(seeds)]  # i: 0 seconds, 1 val loss
+sd = lambda xs: f"{mean(xs):.4g} ± {stdev(xs) if xs[1:] else 0:.2g}"
+print(f"\n| seed | {' | '.join(f'{n} s | {n} val' for n in names)} |")
+print(f"|---|{'---|---|' * len(names)}")
+for seed in range(seeds):
+    print(f"| {seed} | {' | '.join('%.1f | %.4f' % got[n, seed] for n in names)} |")
+print(f"| mean ± sd | {' | '.join(f'{sd(col(n, 0))} | {sd(col(n, 1))}' for n in names)} |")
+for n in names[1:]:
+    pairs = ', '.join(f'{a / b:.2f}' for a, b in zip(col(n, 0), col(names[0], 0)))
+    ratio = mean(col(n, 0)) / mean(col(names[0], 0))
+    print(f"{n} over {names[0]}, wall time: {ratio:.2f}x (means), per seed {pairs}; "
+          f"val ≤ 1.909: {sum(v <= 1.909 for v in col(n, 1))} of {seeds}")
