@@ -1,5 +1,4 @@
-"""One training iteration and what it needs: learning rate, optimizer, precision, train state, the
-steps compiled over the mesh, and batches that are pure functions of (seed, iteration)."""
+"""One training iteration and what it needs: lr, optimizer, precision, compiled steps, batches."""
 import dataclasses
 import json
 import math
@@ -10,7 +9,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import jax
 import jax.numpy as jnp
-from jax import lax
 import haiku as hk
 import jmp
 import optax
@@ -40,7 +38,7 @@ def perplexity(loss):
 # -----------------------------------------------------------------------------
 # the optimizer
 
-OPTIMIZERS = ('adamw', 'muon')  # configure_optimizers' kinds, train.py's `optimizer` setting
+OPTIMIZERS = ('adamw', 'muon')
 
 def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0.0, kind='adamw',
                          muon_lr=0.02):
@@ -103,30 +101,19 @@ def stacked(inner):
         return unstack(new, updates), state
     return optax.GradientTransformation(lambda params: inner.init(stack(params)), update)
 
-# -----------------------------------------------------------------------------
-# mixed precision
-
 def set_precision(dtype):
     """model.GPT computes in dtype, its parameters fp32 (autocast's role)."""
     if dtype == 'float32':
         hk.mixed_precision.clear_policy(model.GPT)
         hk.mixed_precision.clear_policy(model.LayerNorm)
-        return jmp.get_policy('float32')
+        return
     half = jnp.dtype(dtype)
-    policy = jmp.Policy(param_dtype=jnp.float32, compute_dtype=half, output_dtype=jnp.float32)
-    hk.mixed_precision.set_policy(model.GPT, policy)
+    hk.mixed_precision.set_policy(model.GPT, jmp.Policy(jnp.float32, half, jnp.float32))
     hk.mixed_precision.set_policy(model.LayerNorm, jmp.Policy(jnp.float32, jnp.float32, half))
-    return policy
 
 class LossScale(NamedTuple):  # float16's dynamic loss scale (jmp's pytree does not survive lowering)
-    scale: Any    # fp32
+    scale: Any    # fp32, as GradScaler's: 2**16, halved on overflow, doubled after 2000 good steps
     counter: Any  # int32, good steps since the last change
-
-# torch.amp.GradScaler's defaults: start at 2**16, halve on overflow, double after 2000 good steps
-LOSS_SCALE_INIT, LOSS_SCALE_PERIOD, LOSS_SCALE_FACTOR = 2.0 ** 16, 2000, 2
-
-def init_loss_scale(dtype):
-    return LossScale(np.float32(LOSS_SCALE_INIT), np.int32(0)) if dtype == 'float16' else ()
 
 # -----------------------------------------------------------------------------
 # the train state and the compiled steps
@@ -137,19 +124,19 @@ class TrainState(NamedTuple):
     loss_scale: Any  # LossScale for float16, () otherwise
     rng: Any         # from the seed; dropout keys fold in the iteration and the micro-batch
 
-class Batch(NamedTuple):
-    x: Any  # (micro-steps, ranks * B, T) int32 inputs
-    y: Any  # (micro-steps, ranks * B, T) int32 targets
+class Batch(NamedTuple):  # (micro-steps, ranks * B, T) int32 inputs and targets
+    x: Any
+    y: Any
 
 def init_train_state(params, tx, dtype, seed):
-    return TrainState(params, tx.init(params), init_loss_scale(dtype), jax.random.PRNGKey(seed))
+    loss_scale = LossScale(np.float32(2.0 ** 16), np.int32(0)) if dtype == 'float16' else ()
+    return TrainState(params, tx.init(params), loss_scale, jax.random.PRNGKey(seed))
 
 def over_ranks(fn, ranks, *args):  # fn of each micro-batch side by side (leading axis ranks)
     return jax.vmap(fn)(*args) if ranks > 1 else fn(*(a[0] for a in args))[None]
 
 def make_train_step(gptconf, tx, ranks=1, sharded=False):
-    """train_step(state, batch, lr, iter_num) -> (state, metrics): every micro-batch's forward and
-    backward (lax.scan), the update, float16's loss scale (an overflow: 'finite' False, skipped)."""
+    """train_step(state, batch, lr, iter_num) -> (state, metrics); float16 overflows skipped."""
     forward = model.gpt_forward(gptconf)
 
     def loss_fn(params, x_RBT: Int[Array, "R B T"], y_RBT: Int[Array, "R B T"], keys_R, scaler):
@@ -161,7 +148,7 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
     def train_step(state, batch, lr, iter_num):
         M, _, T = batch.x.shape
         scaler = jmp.NoOpLossScale() if state.loss_scale == () else jmp.DynamicLossScale(
-            state.loss_scale.scale, state.loss_scale.counter, LOSS_SCALE_PERIOD, LOSS_SCALE_FACTOR)
+            state.loss_scale.scale, state.loss_scale.counter)
         step_key = jax.random.fold_in(state.rng, iter_num)
 
         def micro_grads(x_NT, y_NT, m):
@@ -181,7 +168,7 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
             grads, loss = micro_grads(batch.x[0], batch.y[0], 0)
         else:  # gradient accumulation, nanoGPT's loss / gradient_accumulation_steps
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            grads, loss_M = lax.scan(micro_step, zeros, (batch.x, batch.y, jnp.arange(M)))
+            grads, loss_M = jax.lax.scan(micro_step, zeros, (batch.x, batch.y, jnp.arange(M)))
             grads, loss = jax.tree.map(lambda g: g / M, grads), jnp.mean(loss_M)
         grads = scaler.unscale(grads)
 
@@ -197,8 +184,7 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
                                                         (state.params, opt_state))
             scaler = scaler.adjust(finite)
             loss_scale = LossScale(scaler.loss_scale, scaler.counter)
-        scale = jnp.asarray(scaler.loss_scale, jnp.float32)
-        metrics = {'loss': loss, 'finite': finite, 'loss_scale': scale}
+        metrics = {'loss': loss, 'finite': finite, 'loss_scale': jnp.float32(scaler.loss_scale)}
         return TrainState(new_params, new_opt_state, loss_scale, state.rng), metrics
 
     return train_step
@@ -246,7 +232,7 @@ def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval
     platform = mesh.devices.flat[0].platform
     try:
         return parallel.compile_ahead(jobs, CPU_REMAT_OPTIONS if gptconf.remat and platform == 'cpu' else None)
-    except Exception as e:  # XLA lacks some half-precision ops on some platforms (float16 dots on CPU)
+    except Exception as e:  # some platforms lack half-precision ops (float16 dots on CPU)
         if dtype == 'float32':
             raise  # a float32 step that does not compile is a bug: show all of it
         raise ValueError(f"the training step does not compile with dtype={dtype} on {platform} "
@@ -255,20 +241,22 @@ def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval
 
 def other_settings(gptconf, tx, devices, accumulation, batch_size, dtype, seed, fsdp):
     """(flags, [train step], mesh) for a refusing memory check: fsdp, remat, smaller batches."""
-    now, seen = dict(fsdp=fsdp, remat=gptconf.remat), set()
+    now = dict(fsdp=fsdp, remat=gptconf.remat, batch_size=batch_size,
+               gradient_accumulation_steps=accumulation)
     settings = [dict(fsdp=len(devices)), dict(remat=True), dict(fsdp=len(devices), remat=True)]
     settings += [dict(batch_size=batch_size >> i, gradient_accumulation_steps=accumulation << i)
                  for i in (1, 2, 3) if (batch_size >> i) << i == batch_size]
+    tried = []
     for s in settings:
-        s = {k: v for k, v in s.items() if now.get(k) != v}  # what changes, once each
-        if not s or str(s) in seen:
+        s = {k: v for k, v in s.items() if now[k] != v}  # what changes, once each
+        if not s or s in tried:
             continue
-        seen.add(str(s))
-        n = {**dict(fsdp=fsdp, batch_size=batch_size, gradient_accumulation_steps=accumulation), **s}
+        tried.append(s)
+        n = {**now, **s}
         try:
             mesh = parallel.make_mesh(devices, n['fsdp'])
-            step = compile_steps(dataclasses.replace(gptconf, remat=s.get('remat', gptconf.remat)), tx,
-                                 mesh, n['gradient_accumulation_steps'], n['batch_size'], dtype, seed)
+            step = compile_steps(dataclasses.replace(gptconf, remat=n['remat']), tx, mesh,
+                                 n['gradient_accumulation_steps'], n['batch_size'], dtype, seed)
         except ValueError:
             continue
         yield " ".join(f"--{k}={v}" for k, v in s.items()), [step['train step'][0]], mesh
@@ -278,13 +266,12 @@ def other_settings(gptconf, tx, devices, accumulation, batch_size, dtype, seed, 
 
 PURPOSE = {'train': 0, 'val': 1, 'eval_train': 2}  # eval's train batches differ from the step's
 
-def count_tokens(data_dir, split, block_size):
-    """The tokens in data_dir/split.bin, checked."""
+def count_tokens(data_dir, split, block_size):  # the tokens in data_dir/split.bin, checked
     path, prepare = os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, 'prepare.py')
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: run python {prepare} first")
     n, odd = divmod(os.path.getsize(path), 2)
-    if odd:  # a torn copy or an interrupted prepare.py
+    if odd:
         raise ValueError(f"{path} has an odd number of bytes, so it is not whole uint16 tokens: "
                          f"run python {prepare} again")
     if n <= block_size:
@@ -315,8 +302,8 @@ class _PlainUnpickler(pickle.Unpickler):  # a pickle naming any class or functio
 
 def load_meta(data_dir):
     """{'vocab_size', 'stoi', 'itos'} of meta.json (ours) or meta.pkl (nanoGPT's), else None."""
-    path = next((os.path.join(data_dir, f) for f in ('meta.json', 'meta.pkl')
-                 if os.path.exists(os.path.join(data_dir, f))), None)
+    paths = [os.path.join(data_dir, f) for f in ('meta.json', 'meta.pkl')]
+    path = next(filter(os.path.exists, paths), None)
     if path is None:
         return None
     try:
