@@ -5,9 +5,9 @@ jax.jit step over a mesh of the devices, data parallel (DDP's role) or with --fs
 To run on one machine (all its GPUs, or the CPU), example:
 $ python train.py --batch_size=32
 
-To run across 2 machines, the same command on both (or --coordinator_address=auto on a cluster):
+To run across 2 machines, the same command on both, JAX_PROCESS_ID=1 on the second (or
+--coordinator_address=auto on a cluster):
 $ JAX_COORDINATOR_ADDRESS=123.456.123.456:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python train.py
-$ JAX_COORDINATOR_ADDRESS=123.456.123.456:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python train.py
 """
 import os
 import time
@@ -165,13 +165,11 @@ try:
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
         print(f"Initializing from pretrained weights: {init_from}")
         gptconf, params = from_pretrained(init_from, dict(dropout=dropout))
-        # read off the created config params, so we can store them into checkpoint correctly
-        model_args = {k: v for k, v in vars(gptconf).items() if k != 'remat'}
+        model_args = vars(gptconf)
     else:
         die(f"init_from={init_from!r}: use 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', "
             f"'gpt2-xl', a local Hugging Face directory or a nanoGPT ckpt.pt")
     gptconf = GPTConfig(**model_args)
-    model_args = {k: v for k, v in vars(gptconf).items() if k != 'remat'} # every field, saved
 except CheckpointError as e:
     shared = (" (every process reads the checkpoint process 0 wrote: put out_dir on a filesystem all "
               "hosts share)" if init_from == 'resume' and jax.process_count() > 1 else "")
@@ -183,9 +181,10 @@ if ckpt_arrays is not None and jax.tree.map(np.shape, params) != jax.tree.map(np
 # crop down the model block size if desired, using model surgery
 if block_size < gptconf.block_size:
     params, gptconf = crop_block_size(params, gptconf, block_size)
-    model_args['block_size'] = block_size # so that the checkpoint will have the right value
 elif block_size > gptconf.block_size:
     die(f"block_size={block_size} is longer than the model's {gptconf.block_size} (init_from={init_from!r})")
+# every field of the config, so we can store them into the checkpoint correctly
+model_args = {k: v for k, v in vars(gptconf).items() if k != 'remat'}
 gptconf.remat = remat # how the step computes, not the model: not in model_args
 try: # data/hellaswag/hellaswag_val.jsonl, downloaded on first use
     hellaswag_val = hellaswag.load_examples('', hellaswag_examples, gptconf) if eval_hellaswag else []
@@ -193,9 +192,9 @@ except (ValueError, OSError) as e:
     die(e)
 num_params = get_num_params(param_shapes(gptconf))
 print(f"number of parameters: {num_params/1e6:.2f}M")
-sharded = f", the state sharded over {fsdp} (fsdp)" if fsdp > 1 else ""
 print(f"training on {len(devices)} {devices[0].platform} device(s) in {jax.process_count()} process(es), "
-      f"dtype {dtype}, {micro_steps} micro-step(s) of {ranks} x batch_size {batch_size}{sharded}")
+      f"dtype {dtype}, {micro_steps} micro-step(s) of {ranks} x batch_size {batch_size}"
+      + (f", the state sharded over {fsdp} (fsdp)" if fsdp > 1 else ""))
 
 def get_batch(split, purpose, it, micro_batches):
     """This process's rows of micro_batches batches of split, `ranks` side by side."""
