@@ -768,8 +768,8 @@ def test_cpu_row_split_over_host_devices_equals_one_device(tmp_path, dataset, en
                                [float(v) for i in evals1 for v in evals1[i]], atol=2e-4)
     one, _ = load_checkpoint(str(tmp_path / 'out1' / CKPT_NAME))
     two, _ = load_checkpoint(str(tmp_path / 'out2' / CKPT_NAME))
-    for k in one:
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for k in one: # AdamW divides by each gradient's size: rounding in a near-zero gradient moves a weight
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k) # of ~1e-2 by ~1e-6
 
 
 def test_float16_trains_on_cpu_without_dropout(tmp_path, dataset, env):
