@@ -19,7 +19,7 @@ def setup_cpu(device, n_layer, n_embd, rows):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
         jax.config.update('jax_num_cpu_devices', 2 if small and rows % 2 == 0 and cores >= 2 else 1)
     if small or device.partition(':')[0] != 'cpu' and (
-            any(True for _ in importlib.metadata.entry_points(group='jax_plugins'))
+            any(importlib.metadata.entry_points(group='jax_plugins'))
             or any(importlib.util.find_spec(m) for m in ('jax_plugins', 'libtpu'))):
         return False  # an accelerator may take the run
     try:

@@ -10,7 +10,7 @@ import jax
 from model import GPTConfig, param_shapes, get_num_params, estimate_mfu
 import backends
 import parallel
-from cli import die
+from cli import die, die_on
 import training
 
 # -----------------------------------------------------------------------------
@@ -54,14 +54,12 @@ tokens_per_iter = G * batch_size * block_size
 print(f"{len(devices)} x {kind}, {dtype}, {n_layer}L/{n_head}H/{n_embd}C, vocab {vocab_size}"
       f", {G} micro-batch(es) of {batch_size} x {block_size} = {tokens_per_iter:,} tokens/iter"
       + f", the state sharded over {fsdp} (fsdp)" * (fsdp > 1) + ", remat" * remat)
-try: # as train.py
+with die_on(ValueError): # as train.py
     gptconf = GPTConfig(block_size=block_size, bias=bias, remat=remat, **dims)
     shapes = param_shapes(gptconf)
     mesh = parallel.make_mesh(devices, fsdp)
     _, ranks = parallel.side_by_side(G, batch_size, mesh)
     tx = training.configure_optimizers(shapes, 1e-2, 1e-4, (0.9, 0.95), 1.0, optimizer)
-except ValueError as e:
-    die(e)
 num_params = get_num_params(shapes)
 print(f"number of parameters: {num_params / 1e6:.2f}M")
 
@@ -89,7 +87,6 @@ if not peak: # the best run: a shared host can halve one
     peak_what = f"2048x2048 fp32 matmul measured now on {n_peak} {platform} device(s)"
 print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_what})")
 
-training.set_precision(dtype)
 compiled = training.compile_steps(gptconf, tx, mesh, G, batch_size, dtype, seed, from_scratch=True)
 step, compile_s = compiled['train step']
 state = compiled['initial state'][0](jax.random.PRNGKey(seed)) # under fsdp, made in its shards

@@ -11,7 +11,7 @@ import numpy as np
 import jax
 from safetensors import safe_open
 
-from model import GPTConfig, from_state_dict, to_state_dict
+from model import GPTConfig, from_state_dict, param_shapes, to_state_dict
 import training
 
 CKPT_NAME = 'ckpt.safetensors'
@@ -102,7 +102,7 @@ def load_checkpoint(path):  # (arrays, meta) of our checkpoint or of a nanoGPT c
 def model_config(model_args, path='the checkpoint'):
     try:
         return GPTConfig(**model_args)
-    except (TypeError, ValueError) as e:  # None too: not train.py's
+    except (TypeError, ValueError) as e:  # None too
         raise CheckpointError(f"{path}: bad model_args {model_args} ({e})") from None
 
 def load_model(path):  # (arrays, meta, config, data dir, vocabulary or None)
@@ -144,8 +144,12 @@ def unflatten_like(template, arrays, prefix, path):
 def params_to_arrays(params):
     return {'model.' + k: v for k, v in to_state_dict(params).items() if k != 'lm_head.weight'}
 
-def params_from_arrays(arrays):
-    return from_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
+def params_from_arrays(arrays, model_args=None, path=None):  # checked against model_args if given
+    params = from_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
+    shapes = lambda tree: jax.tree.map(np.shape, tree)
+    if model_args and shapes(params) != shapes(param_shapes(GPTConfig(**model_args))):
+        raise CheckpointError(f"{path}: its parameters do not match its model_args {model_args}")
+    return params
 
 def state_arrays(state):
     return {**params_to_arrays(state.params), **flatten(state.opt_state, 'optimizer'),

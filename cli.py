@@ -1,4 +1,5 @@
 """How the scripts talk to a person: one-line errors, Ctrl-C at once, progress from compiled loops."""
+import contextlib
 import os
 import signal
 import sys
@@ -18,6 +19,13 @@ def die(msg):
     if jax.distributed.is_initialized():
         exit_alone(1)
     sys.exit(1)
+
+@contextlib.contextmanager
+def die_on(*errors):  # one of these raised inside: die with its message
+    try:
+        yield
+    except errors as e:
+        die(e)
 
 def exit_alone(code):
     """Leaves now, without exit handlers (jax.distributed's wait minutes for every process)."""

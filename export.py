@@ -8,7 +8,7 @@ import shutil
 import checkpoint
 import interop
 import parallel
-from cli import die
+from cli import die, die_on
 
 # -----------------------------------------------------------------------------
 out_dir = 'out' # its ckpt.safetensors, else its ckpt.pt (nanoGPT's)
@@ -27,13 +27,11 @@ if os.path.exists(export_dir) and not (os.path.isdir(export_dir)
                                        and (overwrite or not os.listdir(export_dir))):
     die(f"export_dir {export_dir!r} is a file or not empty: choose another, or --overwrite=True")
 ckpt_path = checkpoint.resume_path(out_dir)
-try: # all read and converted before anything is written
+with die_on(checkpoint.CheckpointError, ValueError): # all read and converted before writing
     if format == 'nanogpt':
         interop.require_torch("writing nanoGPT's ckpt.pt") # before a long read, not after it
     arrays, meta, config, data_dir, vocab = checkpoint.load_model(ckpt_path)
     converted = interop.to_hf(arrays, meta) if format == 'hf' else interop.to_nanogpt(arrays, meta)
-except (checkpoint.CheckpointError, ValueError) as e:
-    die(e)
 if vocab is None and config.vocab_size < 50257:
     print(f"note: no vocabulary in {data_dir} to copy along: export where train.py ran")
 if format == 'nanogpt' and config.activation == 'gelu_new':

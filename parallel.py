@@ -1,5 +1,6 @@
 """Where a run computes: processes, devices, dtype, the mesh and its layouts, the memory check."""
 import concurrent.futures
+import contextlib
 import math
 import os
 import sys
@@ -15,7 +16,7 @@ from cli import die, exit_alone
 
 PLATFORMS = {'cuda': 'gpu', 'gpu': 'gpu', 'rocm': 'gpu', 'cpu': 'cpu', 'tpu': 'tpu', 'mps': 'METAL'}
 
-def pin_platform(device):  # --device=cpu runs on the CPU even where JAX also has a GPU
+def pin_platform(device):  # --device=cpu even where JAX also has a GPU
     if device.partition(':')[0] == 'cpu':
         jax.config.update('jax_platforms', 'cpu')
 
@@ -45,7 +46,7 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
         jax.distributed.initialize(None if auto else coordinator_address,
                                    num_processes if num_processes > 1 else None,
                                    process_id if process_id >= 0 else None)
-    except Exception as e:  # a cluster JAX does not know, an unreachable coordinator, a port in use
+    except Exception as e:  # an unknown cluster, an unreachable coordinator, a port in use
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip('.')
         if auto and 'coordinator_address should be defined' in reason:
             reason = "JAX detects no cluster here"
@@ -68,12 +69,12 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
     keys = sorted(k for k in config if k not in SETTINGS_THAT_MAY_DIFFER)
     fingerprint = np.array([zlib.crc32(repr(config[k]).encode()) for k in keys], np.uint32)
     columns = multihost_utils.process_allgather(fingerprint).T
-    differ = [k for k, col in zip(keys, columns) if len(set(col.tolist())) > 1]
+    differ = [k for k, col in zip(keys, columns) if (col != col[0]).any()]
     if differ:
         die(f"the processes were started with different settings ({', '.join(differ)}): "
             f"run the same command on every host")
 
-def select_devices(device):  # every process's devices of a platform, or one ('cuda:1')
+def select_devices(device):  # all processes' devices of a platform, or one ('cuda:1')
     name, _, index = device.partition(':')
     try:
         devices = jax.devices(PLATFORMS.get(name, name))
@@ -99,22 +100,20 @@ def select_dtype(dtype, platform):  # 'auto': bfloat16 on GPU/TPU, float32 on th
         die(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     return dtype
 
-# dense bf16 peak FLOP/s by device kind (a substring of jax's device_kind), the unit of MFU
+# dense bf16 peak FLOP/s by (a substring of) jax's device_kind, the unit of MFU
 PEAK_FLOPS = {
     'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'A10G': 125e12, 'L4': 121e12, 'V100': 125e12,
     'RTX 4090': 165e12, 'RTX 3090': 71e12, 'TPU v6': 918e12, 'TPU v5p': 459e12,
     'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v4': 275e12,
 }
 
-def device_peak_flops(device):  # None when unknown (a CPU: measure it)
+def device_peak_flops(device):  # None when unknown (a CPU)
     kind = device.device_kind.lower()
     return next((flops for name, flops in PEAK_FLOPS.items() if name.lower() in kind), None)
 
-# -----------------------------------------------------------------------------
 # one mesh: (devices / fsdp) data-parallel groups x fsdp devices sharing each array
-
 DATA, SHARDS = 'data', 'fsdp'
-MIN_SHARDED = 2 ** 14  # elements; smaller arrays (biases, LayerNorms, counters) stay whole
+MIN_SHARDED = 2 ** 14  # elements; smaller arrays (biases, norms, counters) stay whole
 
 def make_mesh(devices, fsdp):  # fsdp=1 is data parallel: DDP's whole copies
     if fsdp > 1 and len(devices) == 1:
@@ -155,7 +154,7 @@ def local_rows(rows):  # this process's rows: its devices are consecutive in the
     return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
 
 def put_batch(tree, mesh):  # this process's rows of numpy batches -> global arrays
-    if jax.process_count() == 1:  # the same, by a much shorter path
+    if jax.process_count() == 1:  # the same, by a shorter path
         return jax.device_put(tree, row_sharding(mesh))
 
     def put(a):
@@ -180,17 +179,13 @@ def get_state(tree):  # numpy arrays, gathered one at a time; every process must
         return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return jax.tree.map(gather, tree)
 
-def local_value(a):  # a replicated output (the loss) as numpy, in any process
+def local_value(a):  # a replicated output (the loss) as numpy
     return np.asarray(a.addressable_data(0))
 
-# -----------------------------------------------------------------------------
 # compiling ahead of time on shapes, and XLA's estimate of the memory it needs
-
 def compile_ahead(jobs, compiler_options=None):
     """{name: (jitted, argument shapes)} -> {name: (compiled, seconds)}, on threads side by side."""
-    def compile_one(lowered, t0):
-        return lowered.compile(compiler_options), time.time() - t0
-
+    compile_one = lambda lowered, t0: (lowered.compile(compiler_options), time.time() - t0)
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(compile_one, fn.lower(*args), time.time())
                    for name, (fn, args) in jobs.items()}
@@ -202,16 +197,13 @@ def compiled_bytes(compiled):  # XLA's estimate of one device's peak memory, or 
         m = m[0] if isinstance(m, (list, tuple)) else m
         return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                 + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
-    except Exception:  # a backend without the analysis (None, or not implemented)
+    except Exception:  # a backend without the analysis
         return None
 
 def device_memory_bytes(device):  # its allocator's limit on GPU/TPU, the machine's RAM on a CPU
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:
-        stats = {}
-    if stats.get('bytes_limit'):
-        return int(stats['bytes_limit'])
+    with contextlib.suppress(Exception):  # no memory_stats
+        if limit := (device.memory_stats() or {}).get('bytes_limit'):
+            return int(limit)
     if device.platform == 'cpu':
         return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     return None

@@ -24,7 +24,7 @@ from checkpoint import CKPT_NAME, CheckpointError, save_checkpoint, load_checkpo
     params_from_arrays, state_arrays, restore_state, describe, check_writable
 import backends
 import parallel
-from cli import die, on_interrupt
+from cli import die, die_on, on_interrupt
 import training
 import hellaswag
 
@@ -38,8 +38,8 @@ eval_iters = 200
 eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
 init_from = 'scratch' # 'scratch' or 'resume' or 'gpt2*' or a GPT-2 directory or a nanoGPT ckpt.pt
-eval_hellaswag = False # if True, every eval also scores HellaSwag (GPT-2's vocabulary only)
-hellaswag_examples = 0 # the first N of its 10,042 val examples; 0: all
+eval_hellaswag = False # every eval also scores HellaSwag (GPT-2's tokens only)
+hellaswag_examples = 0 # its first N val examples; 0: all
 # wandb logging
 wandb_log = False # disabled by default
 wandb_project = 'owt'
@@ -55,19 +55,20 @@ n_head = 12
 n_embd = 768
 dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
 bias = False # do we use bias inside LayerNorm and Linear layers?
-remat = False # recompute each block in the backward: less memory, more compute
-# the modern GPT's options (config/llama.py sets Llama's); the defaults are nanoGPT's GPT
-activation = 'gelu' # or 'gelu_new' (GPT-2's tanh form), 'relu2', 'swiglu'
-mlp_hidden = 0 # the MLP's width; 0: 4 * n_embd
-n_kv_head = 0 # key/value heads shared by the query heads (grouped-query attention); 0: n_head
-rope, rope_theta = False, 10000.0 # rotary position embeddings instead of the learned wpe
-norm, norm_eps = 'layernorm', 1e-5 # or 'rmsnorm' (Llama's), 'rmsnorm_noweight'
-qk_norm = False # each head's q and k through RMSNorm before their product
-tie_lm_head = True # False: the lm_head is a weight of its own
-softcap = 0.0 # logits as softcap * tanh(logits / softcap); 0.0: off
+remat = False # recompute each block in the backward: less memory
+# modern GPTs' options, each a model.GPTConfig field (its comments say what they do);
+# the defaults are nanoGPT's GPT, config/llama.py sets Llama's
+activation = 'gelu'
+mlp_hidden = 0
+n_kv_head = 0
+rope, rope_theta = False, 10000.0
+norm, norm_eps = 'layernorm', 1e-5
+qk_norm = False
+tie_lm_head = True
+softcap = 0.0
 # adamw optimizer
 optimizer = 'adamw' # 'adamw' or 'muon': Muon for the blocks' 2-D weights, AdamW for the rest
-muon_lr = 0.02 # Muon's max learning rate, on the same schedule (optimizer='muon' only)
+muon_lr = 0.02 # Muon's max learning rate, on the same schedule
 learning_rate = 6e-4 # max learning rate
 max_iters = 600000 # total number of training iterations
 weight_decay = 1e-1
@@ -102,7 +103,7 @@ best_val_loss = 1e9
 on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intact')}: "
                      f"continue with --init_from=resume")
 
-# various inits, derived attributes, I/O setup; the first two before JAX starts its backends
+# various inits, derived attributes, I/O setup; the first two before JAX starts
 parallel.pin_platform(device)
 backends.setup_cpu(device, n_layer, n_embd, gradient_accumulation_steps * batch_size)
 parallel.start_processes(coordinator_address, num_processes, process_id, backend, config)
@@ -111,29 +112,25 @@ devices = parallel.select_devices(device)
 dtype = config['dtype'] = parallel.select_dtype(dtype, devices[0].platform)
 if min(gradient_accumulation_steps, batch_size, block_size, fsdp) < 1:
     die("gradient_accumulation_steps, batch_size, block_size and fsdp must be positive")
-if optimizer not in training.OPTIMIZERS:
-    die(f"optimizer={optimizer!r}: use one of {', '.join(map(repr, training.OPTIMIZERS))}")
-# poor man's data loader: windows of the token files, a pure function of (seed, iteration)
+# poor man's data loader
 data_dir = os.path.join('data', dataset)
-try:
+with die_on(ValueError):
     mesh = parallel.make_mesh(devices, fsdp)
     micro_steps, ranks = parallel.side_by_side(gradient_accumulation_steps, batch_size, mesh)
     if master_process:
-        check_writable(out_dir) # fail now, not at the first checkpoint hours from now
+        check_writable(out_dir) # fail now, not at the first checkpoint
     num_tokens = {s: training.count_tokens(data_dir, s, block_size) for s in ('train', 'val')}
     vocab = training.load_meta(data_dir) # attempt to derive vocab_size from the dataset
-except ValueError as e:
-    die(e)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
-ckpt_path = ckpt_arrays = None # a checkpoint's optimizer state, restored once the state is made
+ckpt_path = ckpt_arrays = None
 meta_vocab_size = vocab['vocab_size'] if vocab else None
 if vocab:
     print(f"found vocab_size = {meta_vocab_size} (inside {data_dir})")
 
-# model init: GPTConfig's fields from the settings of the same names, the rest its defaults
-model_args = {k: config[k] for k in GPTConfig.__dataclass_fields__ if k in config and k != 'remat'}
+# model init
+model_args = {k: config[k] for k in GPTConfig.__dataclass_fields__ if k in config}
 try:
     if init_from == 'scratch':
         # init a new model from scratch
@@ -142,7 +139,7 @@ try:
         if meta_vocab_size is None:
             print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
         model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
-        params = None # initialised compiled, in its shards, once XLA says the step fits
+        params = None # made compiled, in its shards, once XLA says the step fits
     elif init_from == 'resume' or init_from.endswith('.pt'): # out_dir's, or a nanoGPT ckpt.pt
         ckpt_path = resume_path(out_dir) if init_from == 'resume' else init_from
         print(f"Resuming training from {ckpt_path}")
@@ -156,7 +153,7 @@ try:
         if meta_vocab_size is not None and meta_vocab_size != model_args['vocab_size']:
             die(f"{ckpt_path} has vocab_size {model_args['vocab_size']} but {data_dir} has {meta_vocab_size}: "
                 f"it was trained on another dataset (--dataset) or the data were prepared again")
-        params = params_from_arrays(ckpt_arrays)
+        params = params_from_arrays(ckpt_arrays, model_args, ckpt_path)
         iter_num = ckpt_meta['iter_num']
         best_val_loss = ckpt_meta['best_val_loss']
         if ckpt_meta.get('seed', seed) != seed:
@@ -171,13 +168,10 @@ try:
             f"'gpt2-xl', a local Hugging Face directory or a nanoGPT ckpt.pt")
     gptconf = GPTConfig(**model_args)
 except CheckpointError as e:
-    shared = (" (every process reads the checkpoint process 0 wrote: put out_dir on a filesystem all "
-              "hosts share)" if init_from == 'resume' and jax.process_count() > 1 else "")
-    die(str(e) + shared)
+    die(f"{e}" + (" (every process reads the checkpoint process 0 wrote: put out_dir on a filesystem all "
+                  "hosts share)") * (init_from == 'resume' and jax.process_count() > 1))
 except (ValueError, OSError, KeyError, TypeError) as e: # bad model_args, missing or unreadable weights
     die(f"cannot initialize from {init_from!r}: {type(e).__name__}: {e}")
-if ckpt_arrays is not None and jax.tree.map(np.shape, params) != jax.tree.map(np.shape, param_shapes(gptconf)):
-    die(f"{ckpt_path}: its parameters do not match its model_args {ckpt_meta['model_args']}")
 # crop down the model block size if desired, using model surgery
 if block_size < gptconf.block_size:
     params, gptconf = crop_block_size(params, gptconf, block_size)
@@ -186,10 +180,6 @@ elif block_size > gptconf.block_size:
 # every field of the config, so we can store them into the checkpoint correctly
 model_args = {k: v for k, v in vars(gptconf).items() if k != 'remat'}
 gptconf.remat = remat # how the step computes, not the model: not in model_args
-try: # data/hellaswag/hellaswag_val.jsonl, downloaded on first use
-    hellaswag_val = hellaswag.load_examples('', hellaswag_examples, gptconf) if eval_hellaswag else []
-except (ValueError, OSError) as e:
-    die(e)
 num_params = get_num_params(param_shapes(gptconf))
 print(f"number of parameters: {num_params/1e6:.2f}M")
 print(f"training on {len(devices)} {devices[0].platform} device(s) in {jax.process_count()} process(es), "
@@ -201,55 +191,41 @@ def get_batch(split, purpose, it, micro_batches):
     starts = training.batch_indices(seed, purpose, it, num_tokens[split], block_size, (micro_batches, batch_size))
     starts = training.arrange(starts, ranks)[:, parallel.local_rows(ranks * batch_size)]
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r') # anew: no leak
-    x, y = training.windows(data, starts, block_size)
-    top = max(x.max(), y.max()) # past the vocabulary jnp's lookup gives NaN, read as divergence
-    if top >= gptconf.vocab_size:
-        die(f"{data_dir}/{split}.bin holds token id {top} but the model has {gptconf.vocab_size} tokens: "
-            f"the data and meta.json (or the checkpoint) differ; run python {data_dir}/prepare.py again")
-    return x, y
+    return training.windows(data, starts, block_size, gptconf.vocab_size)
 
-# mixed precision: compute in dtype, master weights and optimizer state in fp32 (autocast's role)
-training.set_precision(dtype)
-
-# optimizer (an optax transformation)
-tx = training.configure_optimizers(param_shapes(gptconf), weight_decay, learning_rate, (beta1, beta2),
-                                   grad_clip, optimizer, muon_lr)
-
-# compile ahead of time, on shapes only: nothing is allocated until XLA says it fits
-print("compiling the training step...")
-eval_batches = -(-eval_iters // ranks) * ranks # in whole steps of `ranks`; the padding is left out
-try:
+with die_on(ValueError, OSError): # data/hellaswag's val set is downloaded on first use
+    hellaswag_val = hellaswag.load_examples('', hellaswag_examples, gptconf) if eval_hellaswag else []
+    tx = training.configure_optimizers(param_shapes(gptconf), weight_decay, learning_rate, (beta1, beta2),
+                                       grad_clip, optimizer, muon_lr)
+    # compile ahead of time, on shapes only, in dtype: nothing is allocated until XLA says it fits
+    print("compiling the training step...")
     compiled = training.compile_steps(gptconf, tx, mesh, gradient_accumulation_steps, batch_size, dtype,
                                       seed, eval_iters, params is None)
-except ValueError as e:
-    die(e)
+eval_batches = -(-eval_iters // ranks) * ranks # in whole steps of `ranks`; the padding is left out
 train_step, eval_step = compiled['train step'][0], compiled['eval step'][0]
 print("compile time: " + ", ".join(f"{name} {seconds:.1f}s" for name, (_, seconds) in compiled.items())
       + ", side by side")
-# XLA's own estimate against the device's memory; a refusal lists XLA's estimates for other settings
+# XLA's estimate against the device's memory; a refusal lists other settings'
 parallel.check_memory([train_step, eval_step], mesh, lambda: training.other_settings(
     gptconf, tx, devices, gradient_accumulation_steps, batch_size, dtype, seed, fsdp))
 
-# the train state, laid out on the mesh: whole on every device, or under fsdp in its shards
+# the train state on the mesh: whole on every device, or its shards under fsdp
 shardings = parallel.state_sharding(training.train_state_shapes(gptconf, tx, dtype, seed), mesh)
 if params is None:
     state = compiled['initial state'][0](jax.random.PRNGKey(seed))
 else:
     state = training.init_train_state(parallel.put_state(params, shardings.params), tx, dtype, seed)
     if ckpt_arrays is not None: # the optimizer's state_dict (a ckpt.pt's torch AdamW converted)
-        try:
+        with die_on(CheckpointError):
             state = restore_state(state, ckpt_arrays, ckpt_path)
-        except CheckpointError as e:
-            die(e)
     state = parallel.put_state(state, shardings)
 params = ckpt_arrays = None # free up memory: the devices hold the state now
 
 # helps estimate an arbitrarily accurate loss over either split using many batches
 def estimate_loss(params):
     out = {}
-    for split in ['train', 'val']:
-        x, y = get_batch(split, 'val' if split == 'val' else 'eval_train', iter_num, eval_batches)
-        x, y = parallel.put_batch((x, y), mesh)
+    for split, purpose in [('train', 'eval_train'), ('val', 'val')]:
+        x, y = parallel.put_batch(get_batch(split, purpose, iter_num, eval_batches), mesh)
         steps = tqdm(range(eval_batches // ranks), f"eval {split}", delay=2, leave=False, disable=not master_process)
         out[split] = sum(float(parallel.local_value(eval_step(params, x, y, np.int32(k)))) for k in steps) / eval_iters
     return out
@@ -257,18 +233,6 @@ def estimate_loss(params):
 # learning rate decay scheduler (cosine with warmup)
 def get_lr(it):
     return training.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
-
-def save(state, iter_num, best_val_loss):
-    arrays = state_arrays(parallel.get_state(state)) # under fsdp every process hands over its shards
-    if not master_process:
-        return
-    meta = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-            'config': config, 'seed': seed, 'dtype': dtype}
-    print(f"saving checkpoint to {out_dir}")
-    try:
-        save_checkpoint(os.path.join(out_dir, CKPT_NAME), arrays, meta)
-    except OSError as e:
-        die(f"cannot write the checkpoint to {out_dir} ({e.strerror}); the previous checkpoint is intact")
 
 def stop_diverged(it, what):
     die(f"iter {it}: {what}, training diverged and stops here; {describe(out_dir, 'untouched')}. "
@@ -308,14 +272,23 @@ while True:
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = losses['val']
             if iter_num > 0:
-                save(state, iter_num, best_val_loss)
+                arrays = state_arrays(parallel.get_state(state)) # every process: its shards under fsdp
+                if master_process:
+                    meta = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                            'config': config, 'seed': seed, 'dtype': dtype}
+                    print(f"saving checkpoint to {out_dir}")
+                    try:
+                        save_checkpoint(os.path.join(out_dir, CKPT_NAME), arrays, meta)
+                    except OSError as e:
+                        die(f"cannot write the checkpoint to {out_dir} ({e.strerror}); "
+                            f"the previous checkpoint is intact")
     if iter_num == 0 and eval_only:
         if master_process:
             print("eval_only: " + ", ".join(f"{k} loss {v:.4f} (perplexity {training.perplexity(v):.2f})"
                                             for k, v in losses.items()))
         break
 
-    # forward, backward over every micro-batch, the mean gradient and the update, in one compiled call
+    # forward, backward and update over every micro-batch, in one compiled call
     batch, next_batch = next_batch.result(), prefetch.submit(train_batch, iter_num + 1)
     state, metrics = train_step(state, batch, np.float32(get_lr(iter_num)), np.int32(iter_num))
 

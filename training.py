@@ -14,6 +14,7 @@ import jmp
 import optax
 from jaxtyping import Array, Int
 
+from cli import die
 import model
 import parallel
 
@@ -35,22 +36,17 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=Tru
 def perplexity(loss):
     return math.exp(loss) if loss < 709.0 else math.inf
 
-# -----------------------------------------------------------------------------
-# the optimizer
-
 OPTIMIZERS = ('adamw', 'muon')
 
 def configure_optimizers(params, weight_decay, learning_rate, betas, grad_clip=0.0, kind='adamw',
                          muon_lr=0.02):
     """nanoGPT's AdamW after clip_grad_norm_, weight decay on >= 2-D parameters; kind='muon': Muon
     at muon_lr for the blocks' 2-D weights (c_attn as q, k, v)."""
-    leaves = jax.tree.leaves(params)
-    decay = [p for p in leaves if p.ndim >= 2]
-    nodecay = [p for p in leaves if p.ndim < 2]
-    for what, ps in (('decayed', decay), ('non-decayed', nodecay)):
-        print(f"num {what} parameter tensors: {len(ps)}, with {sum(p.size for p in ps):,} parameters")
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer={kind!r}: use one of {', '.join(map(repr, OPTIMIZERS))}")
+    for what, decayed in (('decayed', True), ('non-decayed', False)):
+        ps = [p for p in jax.tree.leaves(params) if (p.ndim >= 2) == decayed]
+        print(f"num {what} parameter tensors: {len(ps)}, with {sum(p.size for p in ps):,} parameters")
     muon_scale = muon_lr / learning_rate if learning_rate else 0.0
 
     def make(learning_rate):
@@ -75,8 +71,7 @@ def _columns(module, shape):  # Muon's matrices in a weight: c_attn's (C, (H + 2
     return [C, (O - C) // 2, (O - C) // 2] if module.endswith('/c_attn') else [O]
 
 def stacked(inner):
-    """inner sees the Muon weights as one (n, I, O) stack per shape: a batched orthogonalisation per
-    shape instead of many small ones, each matrix's the same."""
+    """inner sees the Muon weights as one (n, I, O) stack per shape: one batched orthogonalisation each."""
     def stack(tree):
         out = {}
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -86,13 +81,9 @@ def stacked(inner):
 
     def unstack(stacks, like):
         paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-        taken, leaves = dict.fromkeys(stacks, 0), []
+        rest, leaves = {k: iter(v) for k, v in stacks.items()}, []  # each stack's next matrix
         for path, x in paths:
-            pieces = []
-            for cols in _columns(path[0].key, x.shape):
-                k = f'{x.shape[0]}x{cols}'
-                pieces.append(stacks[k][taken[k]])
-                taken[k] += 1
+            pieces = [next(rest[f'{x.shape[0]}x{cols}']) for cols in _columns(path[0].key, x.shape)]
             leaves.append(jnp.concatenate(pieces, axis=1))
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -111,18 +102,15 @@ def set_precision(dtype):
     hk.mixed_precision.set_policy(model.GPT, jmp.Policy(jnp.float32, half, jnp.float32))
     hk.mixed_precision.set_policy(model.LayerNorm, jmp.Policy(jnp.float32, jnp.float32, half))
 
-class LossScale(NamedTuple):  # float16's dynamic loss scale (jmp's pytree does not survive lowering)
-    scale: Any    # fp32, as GradScaler's: 2**16, halved on overflow, doubled after 2000 good steps
+class LossScale(NamedTuple):  # float16's, as GradScaler's (jmp's pytree does not survive lowering)
+    scale: Any    # fp32: 2**16, halved on overflow, doubled after 2000 good steps
     counter: Any  # int32, good steps since the last change
 
-# -----------------------------------------------------------------------------
-# the train state and the compiled steps
-
 class TrainState(NamedTuple):
-    params: Any      # fp32 master parameters (Haiku dict)
-    opt_state: Any   # optax state; every step sets its hyperparams['learning_rate']
+    params: Any      # fp32 master parameters
+    opt_state: Any   # every step sets its hyperparams['learning_rate']
     loss_scale: Any  # LossScale for float16, () otherwise
-    rng: Any         # from the seed; dropout keys fold in the iteration and the micro-batch
+    rng: Any         # dropout keys fold in the iteration and the micro-batch
 
 class Batch(NamedTuple):  # (micro-steps, ranks * B, T) int32 inputs and targets
     x: Any
@@ -132,7 +120,7 @@ def init_train_state(params, tx, dtype, seed):
     loss_scale = LossScale(np.float32(2.0 ** 16), np.int32(0)) if dtype == 'float16' else ()
     return TrainState(params, tx.init(params), loss_scale, jax.random.PRNGKey(seed))
 
-def over_ranks(fn, ranks, *args):  # fn of each micro-batch side by side (leading axis ranks)
+def over_ranks(fn, ranks, *args):  # fn of each micro-batch side by side (leading axis)
     return jax.vmap(fn)(*args) if ranks > 1 else fn(*(a[0] for a in args))[None]
 
 def make_train_step(gptconf, tx, ranks=1, sharded=False):
@@ -154,7 +142,7 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
         def micro_grads(x_NT, y_NT, m):
             keys_R = jax.vmap(lambda r: jax.random.fold_in(step_key, r * M + m))(jnp.arange(ranks))
             params = state.params
-            if sharded:  # tied to the micro-step: else XLA gathers them whole before the loop, once
+            if sharded:  # tied to the micro-step: else XLA gathers them whole before the loop
                 params = jax.tree.map(lambda p: jnp.where(m >= 0, p, 0.0), params)
             x_RBT, y_RBT = (a.reshape(ranks, -1, T) for a in (x_NT, y_NT))
             (_, loss), grads = grad_fn(params, x_RBT, y_RBT, keys_R, scaler)
@@ -178,7 +166,7 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
         new_params = optax.apply_updates(state.params, updates)
 
         finite, loss_scale = jnp.bool_(True), state.loss_scale
-        if isinstance(scaler, jmp.DynamicLossScale):  # GradScaler: skip inf/nan steps, adapt
+        if isinstance(scaler, jmp.DynamicLossScale):  # GradScaler: skip inf/nan steps
             finite = jmp.all_finite(grads)
             new_params, new_opt_state = jmp.select_tree(finite, (new_params, new_opt_state),
                                                         (state.params, opt_state))
@@ -200,7 +188,7 @@ def make_eval_step(gptconf, ranks, n_batches):
         return jnp.sum(jnp.where(jnp.arange(ranks) * K + k < n_batches, loss_R, 0.0))
     return eval_step
 
-def train_state_shapes(gptconf, tx, dtype, seed):  # nothing allocated
+def train_state_shapes(gptconf, tx, dtype, seed):
     return jax.eval_shape(lambda p: init_train_state(p, tx, dtype, seed), model.param_shapes(gptconf))
 
 # XLA:CPU's default scheduler runs remat's recomputation early, keeping alive what remat frees
@@ -208,7 +196,8 @@ CPU_REMAT_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMI
 
 def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval_iters=0,
                   from_scratch=False):
-    """{'train step', 'eval step', 'initial state': (compiled, seconds)}, compiled on shapes."""
+    """{'train step', 'eval step', 'initial state': (compiled, seconds)}, compiled on shapes in dtype."""
+    set_precision(dtype)
     micro_steps, ranks = parallel.side_by_side(accumulation, batch_size, mesh)
     state = train_state_shapes(gptconf, tx, dtype, seed)
     where, rows = parallel.state_sharding(state, mesh), parallel.row_sharding(mesh)
@@ -220,21 +209,21 @@ def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval
                    donate_argnums=0)
     jobs = {'train step': (step, (state, Batch(tokens(micro_steps), tokens(micro_steps)),
                                   shape(np.float32), shape(np.int32)))}
-    if eval_iters:  # in whole steps of ranks, the padding left out
+    if eval_iters:
         evaluate = jax.jit(make_eval_step(gptconf, ranks, eval_iters), out_shardings=same,
                            in_shardings=(where.params, rows, rows, same))
         steps = -(-eval_iters // ranks)
         jobs['eval step'] = (evaluate, (state.params, tokens(steps), tokens(steps), shape(np.int32)))
-    if from_scratch:  # nanoGPT's initialisation and the tx's zeros, made in their shards
+    if from_scratch:  # nanoGPT's init and the tx's zeros, made in their shards
         initial_state = lambda key: init_train_state(model.init_params(gptconf, key), tx, dtype, seed)
         jobs['initial state'] = (jax.jit(initial_state, out_shardings=where),
                                  (jax.eval_shape(jax.random.PRNGKey, seed),))
     platform = mesh.devices.flat[0].platform
     try:
         return parallel.compile_ahead(jobs, CPU_REMAT_OPTIONS if gptconf.remat and platform == 'cpu' else None)
-    except Exception as e:  # some platforms lack half-precision ops (float16 dots on CPU)
+    except Exception as e:  # some platforms lack half-precision ops
         if dtype == 'float32':
-            raise  # a float32 step that does not compile is a bug: show all of it
+            raise  # a bug: show all of it
         raise ValueError(f"the training step does not compile with dtype={dtype} on {platform} "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0]}): use --dtype=float32 "
                          f"or {'float16' if dtype == 'bfloat16' else 'bfloat16'}") from None
@@ -261,12 +250,10 @@ def other_settings(gptconf, tx, devices, accumulation, batch_size, dtype, seed, 
             continue
         yield " ".join(f"--{k}={v}" for k, v in s.items()), [step['train step'][0]], mesh
 
-# -----------------------------------------------------------------------------
 # data: windows of a uint16 token file, a pure function of (seed, purpose, iteration)
-
 PURPOSE = {'train': 0, 'val': 1, 'eval_train': 2}  # eval's train batches differ from the step's
 
-def count_tokens(data_dir, split, block_size):  # the tokens in data_dir/split.bin, checked
+def count_tokens(data_dir, split, block_size):  # of data_dir/split.bin, checked
     path, prepare = os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, 'prepare.py')
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: run python {prepare} first")
@@ -290,9 +277,13 @@ def arrange(a_GB, ranks):
     a = a_GB.reshape(ranks, G // ranks, B, *a_GB.shape[2:]).swapaxes(0, 1)
     return a.reshape(G // ranks, ranks * B, *a_GB.shape[2:])
 
-def windows(data, starts, block_size):
-    """x, y of shape starts.shape + (block_size,), y shifted by one token."""
+def windows(data, starts, block_size, vocab_size=None):
+    """x, y of shape starts.shape + (block_size,), y shifted by one token; ids < vocab_size checked."""
     window = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
+    if vocab_size and (top := window.max()) >= vocab_size:  # jnp's lookup would give NaN: divergence
+        folder = os.path.dirname(data.filename)
+        die(f"{data.filename} holds token id {top} but the model has {vocab_size} tokens: the data and "
+            f"meta.json (or the checkpoint) differ; run python {folder}/prepare.py again")
     return window[..., :-1], window[..., 1:]
 
 class _PlainUnpickler(pickle.Unpickler):  # a pickle naming any class or function runs nothing
