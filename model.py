@@ -1,11 +1,9 @@
 """nanoGPT's model.py in JAX + Haiku, its names as paths ('transformer/h_0/attn/c_attn' 'weight'
 is 'transformer.h.0.attn.c_attn.weight'); Linear weights are (in, out) as GPT-2's Conv1D.
 
-Shape glossary (array name suffixes; jaxtyping annotations the tests check at trace time):
-  B: batch size    T: sequence length (queries)    S: key/value length (cache slots)    C: n_embd
-  H: n_head    G: n_kv_head    D: head size, C // H    V: vocab size    F: MLP hidden (4 * C)
-  K: eval batches    N: prompt + new tokens    I, O: Linear in, out features    R: micro-batches
-e.g. x_BTC is (B, T, C), att_BHTS is (B, H, T, S)."""
+Shape glossary of array name suffixes (x_BTC is (B, T, C)), checked by jaxtyping in the tests:
+  B batch  T sequence (queries)  S key/value slots  C n_embd  H n_head  G n_kv_head  D C // H
+  V vocab  F MLP hidden  K eval batches  N prompt + new tokens  I, O Linear in, out  R micro-batches"""
 import json
 import math
 import os
@@ -358,7 +356,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
                         keys_B: UInt32[Array, "B 2"]) -> Int[Array, "B N"]:
         (B, T), idx_BT = idx_BT.shape, idx_BT.astype(jnp.int32)
         idx_BN = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(idx_BT)
-        def put_next(i, logits_BV, idx_BN, done_B, report):  # new token i
+        def put_next(i, logits_BV, idx_BN, done_B, report):
             keys_i = jax.vmap(jax.random.fold_in, (0, None))(keys_B, i)
             next_B1 = sample_next(logits_BV, keys_i, temperature, top_k, top_p)[:, None]
             idx_BN = lax.dynamic_update_slice_in_dim(idx_BN, next_B1, T + i, 1)

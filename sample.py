@@ -61,7 +61,7 @@ except Exception as e: # e.g. no network for the Hugging Face hub
 params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, dtype), params), dev)
 if meta is not None:
     print(f"Loading meta from {meta_dir}...")
-    if 'stoi' not in meta or 'itos' not in meta:
+    if not {'stoi', 'itos'} <= meta.keys():
         die(f"the vocabulary in {meta_dir} has no stoi/itos; run its prepare.py again")
     if unknown := ', '.join(map(repr, sorted(set(start + stop) - set(meta['stoi'])))):
         die(f"the prompt or stop has characters outside the vocabulary in {meta_dir}: {unknown}")
@@ -86,7 +86,6 @@ else:
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
-    # a padded vocabulary's ids past GPT-2's print as U+FFFD
     token = lambda i: enc.decode_single_token_bytes(i) if i < enc.n_vocab else '\ufffd'.encode()
     decode = lambda l: b''.join(map(token, l)).decode('utf-8', errors='replace')
 
@@ -112,7 +111,7 @@ class Streamer(Progress):  # prints the new text as the compiled loop makes it
         print(text[len(self.printed):], end='', flush=True)
         self.printed = text
 
-# run generation: sample k draws with fold_in(PRNGKey(seed), k), alone or in a batch
+# run generation: sample k draws with fold_in(PRNGKey(seed), k)
 progress = Streamer('', every=0.02, disable=True) if stream else Progress('sampling')
 key = jax.random.PRNGKey(seed)
 keys_of = lambda i: jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(i, i + batch_size))

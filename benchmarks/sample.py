@@ -16,13 +16,14 @@ from model import GPTConfig, gpt_forward, init_params, make_generate
 import cli
 
 n_layer, n_head, n_embd, block_size, vocab_size = 4, 4, 128, 64, 65  # the README's CPU model
+rope = False  # True: rotary positions, whose cache rolls past block_size
 prompt_len, max_new_tokens, num_samples = 1, 500, 10  # 1: sample.py's start="\n"
 pad_to = 16  # recompute's context lengths rounded up: fewer compiles
 repeats, turns, seed = 3, 8, 1337  # best of repeats; 3. takes turns: a noisy host
 exec(open(os.path.join(REPO, 'configurator.py')).read())
 
 config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                   vocab_size=vocab_size)
+                   vocab_size=vocab_size, rope=rope)
 params = init_params(config, jax.random.PRNGKey(seed))
 prompt = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, prompt_len), 0, vocab_size, jnp.int32)
 keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(num_samples))

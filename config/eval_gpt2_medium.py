@@ -1,6 +1,3 @@
 # evaluate the pretrained gpt2-medium: 350M parameters, n_layer=24, n_head=16, n_embd=1024
-batch_size = 8
-eval_iters = 500  # a better estimate
-eval_only = True
-wandb_log = False
+exec(open('config/eval_gpt2.py').read())
 init_from = 'gpt2-medium'
