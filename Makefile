@@ -31,4 +31,4 @@ demo: $(VENV)/.runtime
 
 # two workers, a test file each: much of the suite waits on one-threaded compiles and process start-up
 test: $(VENV)/.test
-	NANOGPT_REQUIRE_REFERENCES=1 $(PY) -m pytest -v -n 2 --dist loadfile tests
+	NANOGPT_REQUIRE_REFERENCES=1 $(PY) -m pytest -v -n 2 --dist loadfile --durations=25 tests

@@ -77,7 +77,7 @@ def test_bench_takes_fsdp_and_remat(tmp_path):
     timed call equals the data-parallel run's (the same step, laid out differently)."""
     runs = {}
     for name, flags in (('dp', []), ('fsdp', ['--fsdp=2', '--remat=True'])):
-        r = bench(tmp_path, '--gradient_accumulation_steps=2', '--num_steps=1', *flags)
+        r = bench(tmp_path, '--gradient_accumulation_steps=2', '--num_steps=1', '--peak_flops=1e12', *flags)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         runs[name] = r.stdout
     assert ', the state sharded over 2 (fsdp), remat' in runs['fsdp'] and 'fsdp' not in runs['dp']

@@ -225,7 +225,7 @@ def test_two_processes_match_one_process_and_resume(data_dir, compile_cache, tmp
         ref_arrays, ref_meta = load_checkpoint(str(tmp_path / name / CKPT_NAME))
         assert ref_meta['iter_num'] == 4 and sorted(ref_arrays) == sorted(arrays)
         for k in arrays:
-            np.testing.assert_allclose(arrays[k], ref_arrays[k], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
+            np.testing.assert_allclose(arrays[k], ref_arrays[k], rtol=1e-4, atol=1e-5, err_msg=f"{name}: {k}")  # as test_train's row split
     # and training did move them: the comparison above is not between two copies of the init
     assert losses(first_r)[('iter', 4)] < losses(first)[('iter', 0)] - 0.2
 

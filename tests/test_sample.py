@@ -39,9 +39,9 @@ _forwards = {}
 
 
 def _jit_forward(config):
-    # one jitted function per config, so each context length compiles once for the whole module
+    # one jitted function per config, compiled once for the whole module; logits at every position
     if str(config) not in _forwards:
-        _forwards[str(config)] = jax.jit(lambda p, idx: gpt_forward(config).apply(p, None, idx)[0])
+        _forwards[str(config)] = jax.jit(lambda p, idx: gpt_forward(config).apply(p, None, idx, idx)[0])
     return _forwards[str(config)]
 
 
@@ -52,7 +52,9 @@ def full_recompute_greedy(params, config, idx_BT, max_new_tokens):
     idx = np.asarray(idx_BT)
     for _ in range(max_new_tokens):
         idx_cond = idx if idx.shape[1] <= config.block_size else idx[:, -config.block_size:]
-        logits_BV = np.asarray(forward(params, idx_cond))[:, -1, :]
+        T = idx_cond.shape[1]  # padded on the right to block_size: one compile; causal, so unseen
+        padded = np.pad(idx_cond, ((0, 0), (0, config.block_size - T)))
+        logits_BV = np.asarray(forward(params, padded))[:, T - 1, :]
         idx = np.concatenate([idx, logits_BV.argmax(-1)[:, None]], axis=1)
     return idx
 
@@ -153,8 +155,7 @@ def test_a_sample_is_the_same_alone_or_in_a_batch():
     idx_BT = jnp.array([[1, 2, 3]] * 4, jnp.int32)
     run = make_generate(TINY, 12, temperature=1.0, top_k=None, top_p=0.9)
     together = np.asarray(run(params, idx_BT, row_keys(7, 4)))
-    alone = [np.asarray(make_generate(TINY, 12, temperature=1.0, top_k=None, top_p=0.9)(
-        params, idx_BT[:1], row_keys(7, 4)[k:k + 1]))[0] for k in range(4)]
+    alone = [np.asarray(run(params, idx_BT[:1], row_keys(7, 4)[k:k + 1]))[0] for k in range(4)]
     np.testing.assert_array_equal(together, np.stack(alone))
     assert len({tuple(row) for row in together}) == 4  # four different samples
 
@@ -337,8 +338,7 @@ def test_sample_script_char_seeds(char_run):
     assert len(first) == 2 and first[0] != first[1]  # two samples of one run differ
     for s in first:
         assert s.startswith('First') and len(s) == 5 + 30 and set(s) <= set(CHARS)
-    rc, out, err = run_sample(*args, '--seed=7', cwd=str(char_run))
-    assert rc == 0 and samples_of(out) == first  # the same seed gives the same samples
+    # the same seed in another process gives the same samples: test_sample_script_batches_streams_and_stops
 
 
 @pytest.mark.parametrize('args,message', [
@@ -374,16 +374,16 @@ def test_sample_script_char_model_without_its_vocabulary(char_run):
 
 
 def test_sample_script_batches_streams_and_stops(char_run):
-    """The same samples drawn in one batch, one at a time, and streamed; --stop cuts each where the stop string
+    """The same samples drawn in one batch and streamed one at a time; --stop cuts each where the stop string
     first appears in its new text (printed without it)."""
     args = ['--out_dir=out', '--start=First', '--num_samples=3', '--max_new_tokens=40', '--temperature=1.0', '--device=cpu']
     runs = {}
-    for name, extra in [('free', []), ('batched', ['--stop=e']), ('one by one', ['--stop=e', '--batch_size=1']),
+    for name, extra in [('free', []), ('batched', ['--stop=e']),
                         ('streamed', ['--stop=e', '--batch_size=1', '--stream=True'])]:
         rc, out, err = run_sample(*args, *extra, cwd=str(char_run))
         assert rc == 0, err
         runs[name] = samples_of(out)
-    assert runs['batched'] == runs['one by one'] == runs['streamed']
+    assert runs['batched'] == runs['streamed']
     for free, cut in zip(runs['free'], runs['batched']):
         new = free[len('First'):]
         assert 'e' in new and cut == 'First' + new[:new.index('e')]
