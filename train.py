@@ -105,7 +105,7 @@ on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intac
 
 # various inits, derived attributes, I/O setup; the first two before JAX starts
 parallel.pin_platform(device)
-backends.setup_cpu(device, n_layer, n_embd, gradient_accumulation_steps * batch_size)
+backends.setup_cpu(device, n_layer, n_embd, gradient_accumulation_steps * batch_size, optimizer)
 parallel.start_processes(coordinator_address, num_processes, process_id, backend, config)
 master_process = jax.process_index() == 0 # this process will do logging, checkpointing etc.
 devices = parallel.select_devices(device)

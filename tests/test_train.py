@@ -573,7 +573,7 @@ def test_resume_continues_bit_exactly(tmp_path, dataset, env, uninterrupted):
 
 
 def test_muon_trains_resumes_bit_exactly_and_refuses_another_optimizer(tmp_path, dataset, env, uninterrupted):
-    """optimizer='muon' through train.py with gradient accumulation: its own losses (not AdamW's), its state
+    """optimizer='muon' through train.py with gradient accumulation, on one host device: its own losses (not AdamW's), its state
     in the checkpoint, N + resume + N equal to 2N bit for bit; resuming it as AdamW is one line, the file kept."""
     muon = ['--optimizer=muon', '--muon_lr=0.02']
     full = train(dataset, str(tmp_path / 'full'), f'--max_iters={2 * N}', *muon, env=env, cwd=str(tmp_path))
@@ -585,6 +585,8 @@ def test_muon_trains_resumes_bit_exactly_and_refuses_another_optimizer(tmp_path,
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     full_iters, _ = logged(full.stdout)
     assert sorted(full_iters) == list(range(2 * N + 1))
+    # Muon on one host device (setup_cpu; 2 deadlocked in XLA:CPU's all-reduce), AdamW on two
+    assert 'training on 1 cpu device(s)' in full.stdout and 'training on 2 cpu' in uninterrupted[1]
     assert {**logged(first.stdout)[0], **logged(second.stdout)[0]} == full_iters
     adamw_iters, _ = logged(uninterrupted[1])
     assert full_iters[0] == adamw_iters[0] and full_iters[2 * N] != adamw_iters[2 * N]  # same start, other steps
