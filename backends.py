@@ -17,8 +17,7 @@ def setup_cpu(device, n_layer, n_embd, rows, optimizer='adamw'):
     explicit = 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
     if not explicit and 'JAX_NUM_CPU_DEVICES' not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        # not for Muon: each device would orthogonalise every matrix, and XLA:CPU's all-reduce between
-        # the two deadlocked on 2 cores (batch 48, the speedrun's)
+        # not for Muon: XLA:CPU's all-reduce between the two deadlocked at batch 48 on 2 cores
         two = small and rows % 2 == 0 and cores >= 2 and optimizer == 'adamw'
         jax.config.update('jax_num_cpu_devices', 2 if two else 1)
     if small or device.partition(':')[0] != 'cpu' and (

@@ -10,13 +10,11 @@ import interop
 import parallel
 from cli import die, die_on
 
-# -----------------------------------------------------------------------------
 out_dir = 'out' # its ckpt.safetensors, else its ckpt.pt (nanoGPT's)
 format = 'hf' # 'hf' (config.json + model.safetensors) or 'nanogpt' (a ckpt.pt, needs torch)
 export_dir = '' # a new or empty directory
-overwrite = False # if True, write into a non-empty export_dir
+overwrite = False # write into a non-empty export_dir
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-# -----------------------------------------------------------------------------
 
 parallel.pin_platform('cpu') # only arrays move
 if format not in ('hf', 'nanogpt'):

@@ -12,7 +12,7 @@ import checkpoint
 import interop
 import parallel
 import training
-from cli import die
+from cli import die_on
 
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 VAL_FILE = os.path.join('data', 'hellaswag', 'hellaswag_val.jsonl')  # as train.py's data: from cwd
@@ -94,7 +94,6 @@ def evaluate(params, config, examples, batch_rows=128):
     return len(examples), *map(float, right)
 
 if __name__ == '__main__':  # train.py imports the functions above
-    # -----------------------------------------------------------------------------
     init_from = 'resume' # 'resume' (from out_dir), a gpt2 variant, HF dir, ckpt.pt
     out_dir = 'out' # ignored if init_from is not 'resume'
     hellaswag_file = '' # a jsonl in HellaSwag's format; '': its val set, downloaded once
@@ -103,17 +102,12 @@ if __name__ == '__main__':  # train.py imports the functions above
     device = 'cuda' # or 'cpu', 'cuda:1', etc.
     dtype = 'auto' # 'float32', 'bfloat16', 'float16'; 'auto': bfloat16 on GPU/TPU, else float32
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    # -----------------------------------------------------------------------------
     parallel.pin_platform(device)
     dev = parallel.select_devices(device)[0]
     training.set_precision(parallel.select_dtype(dtype, dev.platform))  # as train.py's eval
-    try:
+    with die_on(checkpoint.CheckpointError, ValueError, OSError):
         examples = load_examples(hellaswag_file, max_examples)  # a bad file fails before the model
         gptconf, params, _, _ = interop.load_weights(init_from, out_dir)
         check_vocab(gptconf)
-    except (checkpoint.CheckpointError, ValueError, OSError) as e:
-        die(e)
-    except Exception as e: # e.g. no network for the Hugging Face hub
-        die(f"could not load {init_from!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     n, acc, acc_norm = evaluate(jax.device_put(params, dev), gptconf, examples, batch_rows)
     print(f"hellaswag: {n} examples, acc {acc:.4f}, acc_norm {acc_norm:.4f}")

@@ -32,11 +32,17 @@ def unsupported(config, target):
 
 def load_weights(init_from, out_dir):
     """(config, params, data dir, vocabulary) of 'resume', a ckpt.pt or a from_pretrained name."""
-    if init_from != 'resume' and not init_from.endswith('.pt'):
-        return *from_pretrained(init_from, dict(dropout=0.0)), None, None
-    path = resume_path(out_dir) if init_from == 'resume' else init_from
-    arrays, _, config, data_dir, vocab = load_model(path)
-    return config, params_from_arrays(arrays), data_dir, vocab
+    try:
+        if init_from != 'resume' and not init_from.endswith('.pt'):
+            return *from_pretrained(init_from, dict(dropout=0.0)), None, None
+        path = resume_path(out_dir) if init_from == 'resume' else init_from
+        arrays, _, config, data_dir, vocab = load_model(path)
+        return config, params_from_arrays(arrays), data_dir, vocab
+    except (CheckpointError, ValueError, OSError):
+        raise
+    except Exception as e:  # e.g. no network for the Hugging Face hub
+        first = (str(e).splitlines() or [''])[0]
+        raise ValueError(f"could not load {init_from!r}: {type(e).__name__}: {first}") from None
 
 def require_torch(what):
     try:

@@ -391,11 +391,3 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
             state = loop(max_new_tokens, jnp.int32(n_cached), None, *state)
         return state[0]
     return generate_tokens
-
-def generate(params, config, idx_BT: Int[Arrayish, "B T"], max_new_tokens: int,
-             temperature=1.0, top_k=None, key=None):
-    """nanoGPT's model.generate with a PRNG key (row b: fold_in(key, b)); compiles each call."""
-    key = jax.random.PRNGKey(0) if key is None else key
-    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(idx_BT)))
-    generate_tokens = make_generate(config, max_new_tokens, temperature, top_k)
-    return generate_tokens(params, jnp.asarray(idx_BT), keys_B)

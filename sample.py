@@ -12,7 +12,7 @@ from model import check_sampling, make_generate
 import checkpoint
 import interop
 import parallel
-from cli import die, Progress
+from cli import die, die_on, Progress
 
 # -----------------------------------------------------------------------------
 init_from = 'resume' # 'resume' (from out_dir), a gpt2 variant (e.g. 'gpt2-xl'), HF dir, ckpt.pt
@@ -51,13 +51,9 @@ except ValueError as e:
 dev = parallel.select_devices(device)[0]
 dtype = parallel.select_dtype(dtype, dev.platform)
 
-# model, and its vocabulary: its dataset's, its tokenizer.json or GPT-2's BPE
-try:
+# model, and its vocabulary: its dataset's, a tokenizer.json or GPT-2's BPE
+with die_on(checkpoint.CheckpointError, ValueError, OSError):
     gptconf, params, meta_dir, meta = interop.load_weights(init_from, out_dir)
-except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
-    die(e)
-except Exception as e: # e.g. no network for the Hugging Face hub
-    die(f"could not load {init_from!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
 params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, dtype), params), dev)
 if meta is not None:
     print(f"Loading meta from {meta_dir}...")

@@ -56,8 +56,7 @@ n_embd = 768
 dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
 bias = False # do we use bias inside LayerNorm and Linear layers?
 remat = False # recompute each block in the backward: less memory
-# modern GPTs' options, each a model.GPTConfig field (its comments say what they do);
-# the defaults are nanoGPT's GPT, config/llama.py sets Llama's
+# modern GPTs' options: see model.GPTConfig; config/llama.py sets Llama's
 activation = 'gelu'
 mlp_hidden = 0
 n_kv_head = 0

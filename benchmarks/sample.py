@@ -1,6 +1,5 @@
 """Sampling speed, random weights: 1. the KV cache against nanoGPT's recompute; 2. a batch of
-samples against one at a time; 3. streamed against not."""
-import io
+samples against one at a time."""
 import os
 import sys
 from time import perf_counter as now
@@ -13,13 +12,12 @@ import jax.numpy as jnp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from model import GPTConfig, gpt_forward, init_params, make_generate
-import cli
 
 n_layer, n_head, n_embd, block_size, vocab_size = 4, 4, 128, 64, 65  # the README's CPU model
 rope = False  # True: rotary positions, whose cache rolls past block_size
 prompt_len, max_new_tokens, num_samples = 1, 500, 10  # 1: sample.py's start="\n"
 pad_to = 16  # recompute's context lengths rounded up: fewer compiles
-repeats, turns, seed = 3, 8, 1337  # best of repeats; 3. takes turns: a noisy host
+repeats, seed = 3, 1337  # best of repeats
 exec(open(os.path.join(REPO, 'configurator.py')).read())
 
 config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -48,7 +46,6 @@ def table(title, a, b, *rows):
         print(f"{name:<40} {rate(a_s, n)} | {rate(b_s, n)} | {b_s / a_s:6.2f}x")
 
 same = lambda a, b: "the same" if np.array_equal(a, b) else "DIFFERENT"
-race = lambda a, b: map(min, zip(*[(best_of(a)[0], best_of(b)[0]) for _ in range(turns)]))
 
 kv_time, kv_out = best_of(generator(max_new_tokens, 1, temperature=0.0))
 kv_fit_time = best_of(generator(n_fit, 1, temperature=0.0))[0] if n_fit else 0.0
@@ -84,11 +81,3 @@ one_time, one_out = best_of(lambda: [single.func(params, prompt, keys[k:k + 1])
 table(f"2. {num_samples} samples ({same(batch_out, np.concatenate(one_out))} tokens)",
       'in one batch', 'one at a time',
       (f"{num_samples} x {max_new_tokens} new tokens", batch_time, one_time, n_all))
-
-streamer, text = cli.Progress('', every=0.02, disable=True), io.StringIO()  # 3.: not to a tty
-streamer.show = lambda n, idx_BN: text.write(
-    ' '.join(map(str, idx_BN[0, prompt_len + streamer.n:prompt_len + n].tolist())))
-streamed = generator(max_new_tokens, 1, on_tokens=streamer, **rule)
-stream = lambda: streamer.start(max_new_tokens) or streamed()  # a Progress per run
-table(f"3. one sample ({same(stream(), one_out[0])} tokens)", 'streamed', 'not streamed',
-      (f"{max_new_tokens} new tokens", *race(stream, single), max_new_tokens))

@@ -5,4 +5,4 @@ exec(open(os.path.join(os.path.dirname(__file__), 'config', 'train_shakespeare_c
 out_dir = 'out-shakespeare-char-muon'
 wandb_run_name = 'mini-gpt-muon'
 optimizer = 'muon'  # the blocks' 2-D weights at muon_lr, the rest AdamW at learning_rate
-muon_lr = 0.02  # tried on the README's CPU model: 0.01, 0.02, 0.05
+muon_lr = 0.02

@@ -520,7 +520,8 @@ def test_targets_of_another_length_name_the_argument_and_dimension():
 
 def test_one_dimensional_prompt_names_the_argument_and_dimension():
     config, params, _ = fixture_model()
-    msg = wrong_shape(lambda: model.generate(params, config, np.arange(5, dtype=np.int32), 3))
+    keys_B = jax.random.PRNGKey(0)[None]
+    msg = wrong_shape(lambda: model.make_generate(config, 3)(params, np.arange(5, dtype=np.int32), keys_B))
     assert "parameter 'idx_BT'" in msg and "'B T'" in msg and 'i32[5]' in msg, msg
 
 
