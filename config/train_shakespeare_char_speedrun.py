@@ -1,4 +1,4 @@
-# the fastest recipe to the README CPU run's val loss (1.909); run after train_shakespeare_char.py
+# a fast recipe to the README CPU run's val loss (1.909); run after train_shakespeare_char.py
 n_layer, n_head, n_embd, dropout = 4, 4, 128, 0.0  # the README's CPU model
 rope, activation, norm = True, 'relu2', 'rmsnorm'
 optimizer, muon_lr = 'muon', 0.02  # Muon's update costs the same per iteration at any batch size:
