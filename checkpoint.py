@@ -147,7 +147,7 @@ def params_to_arrays(params):
 def params_from_arrays(arrays, model_args=None, path=None):  # checked against model_args if given
     params = from_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
     shapes = lambda tree: jax.tree.map(np.shape, tree)
-    if model_args and shapes(params) != shapes(param_shapes(GPTConfig(**model_args))):
+    if model_args and shapes(params) != shapes(param_shapes(model_config(model_args, path))):
         raise CheckpointError(f"{path}: its parameters do not match its model_args {model_args}")
     return params
 
