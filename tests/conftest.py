@@ -2,13 +2,16 @@
 of test_model.py's passing tests are shown at the end of every run, so the maxima (not only
 PASSED) are in CI's output without `-s`."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # one persistent XLA compilation cache for the whole run, set before JAX is imported: the many train.py
 # subprocesses that compile the same tiny model's steps compile them once
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # pytest-xdist's workers inherit the controller's
     os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='nanogpt-xla-cache-')
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)  # the run's own
 os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
 
 import jaxtyping  # noqa: E402
