@@ -11,14 +11,13 @@ import jax.numpy as jnp
 ATTENTION_BLOCK = 128  # query rows per block of the CPU's causal attention
 HOST_DEVICES_MAX_PARAMS = 30_000_000  # above this one CPU device is faster (each runs AdamW)
 
-def setup_cpu(device, n_layer, n_embd, rows, optimizer='adamw'):
+def setup_cpu(device, n_layer, n_embd, rows):
     """Before JAX starts: two host devices for small models; big ones keep freed memory (True)."""
     small = 12 * n_layer * n_embd ** 2 <= HOST_DEVICES_MAX_PARAMS
     explicit = 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
     if not explicit and 'JAX_NUM_CPU_DEVICES' not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        # not for Muon: XLA:CPU's all-reduce between the two deadlocked at batch 48 on 2 cores
-        two = small and rows % 2 == 0 and cores >= 2 and optimizer == 'adamw'
+        two = small and rows % 2 == 0 and cores >= 2
         jax.config.update('jax_num_cpu_devices', 2 if two else 1)
     if small or device.partition(':')[0] != 'cpu' and (
             any(importlib.metadata.entry_points(group='jax_plugins'))

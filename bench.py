@@ -34,7 +34,7 @@ _defaults = dict(globals())
 exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 G = gradient_accumulation_steps
 parallel.pin_platform(device) # before JAX starts, as train.py
-freed_kept = backends.setup_cpu(device, n_layer, n_embd, G * batch_size, optimizer)
+freed_kept = backends.setup_cpu(device, n_layer, n_embd, G * batch_size)
 
 if compare not in ('', 'torch') or compare and optimizer != 'adamw':
     die(f"compare={compare!r} with optimizer={optimizer!r}: use --compare=torch with adamw or none")

@@ -104,7 +104,7 @@ on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intac
 
 # various inits, derived attributes, I/O setup; the first two before JAX starts
 parallel.pin_platform(device)
-backends.setup_cpu(device, n_layer, n_embd, gradient_accumulation_steps * batch_size, optimizer)
+backends.setup_cpu(device, n_layer, n_embd, gradient_accumulation_steps * batch_size)
 parallel.start_processes(coordinator_address, num_processes, process_id, backend, config)
 master_process = jax.process_index() == 0 # this process will do logging, checkpointing etc.
 devices = parallel.select_devices(device)
@@ -250,6 +250,7 @@ next_batch = prefetch.submit(train_batch, iter_num)
 t0 = time.time()
 local_iter_num = 0 # number of iterations in the lifetime of this process
 running_mfu = -1.0
+metrics = None # the last step's
 peak_flops = parallel.device_peak_flops(devices[0]) or 312e12 # unknown devices (CPUs) against an A100
 while True:
 
@@ -289,7 +290,9 @@ while True:
 
     # forward, backward and update over every micro-batch, in one compiled call
     batch, next_batch = next_batch.result(), prefetch.submit(train_batch, iter_num + 1)
+    in_flight = metrics # at most two steps in flight: with more, XLA:CPU's all-reduce deadlocked
     state, metrics = train_step(state, batch, np.float32(get_lr(iter_num)), np.int32(iter_num))
+    jax.block_until_ready(in_flight)
 
     # timing and logging
     t1 = time.time()
