@@ -182,9 +182,14 @@ def test_every_config_file_loads(config, capsys):
         pytest.fail(str(e.code))
     # every setting the file assigns a literal to has that value, of the type train.py gives it
     path = os.path.join(REPO, 'config', config)
-    literals = {node.targets[0].id: literal(node.value) for node in ast.parse(open(path).read()).body
-                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and literal(node.value) is not NOT_LITERAL}
+    pairs = []  # (name, value node) of `a = 1`, `a = b = 1` and `a, b = 1, 2`
+    for node in ast.parse(open(path).read()).body:
+        for target in node.targets if isinstance(node, ast.Assign) else ():
+            if isinstance(target, ast.Name):
+                pairs.append((target, node.value))
+            elif isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                pairs += zip(target.elts, node.value.elts)
+    literals = {name.id: literal(value) for name, value in pairs if literal(value) is not NOT_LITERAL}
     defaults = settings('train.py')
     assert literals, config
     for key, value in literals.items():
