@@ -190,7 +190,8 @@ def get_batch(split, purpose, it, micro_batches):
     starts = training.batch_indices(seed, purpose, it, num_tokens[split], block_size, (micro_batches, batch_size))
     starts = training.arrange(starts, ranks)[:, parallel.local_rows(ranks * batch_size)]
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r') # anew: no leak
-    return training.windows(data, starts, block_size, gptconf.vocab_size)
+    with die_on(ValueError):
+        return training.windows(data, starts, block_size, gptconf.vocab_size)
 
 with die_on(ValueError, OSError): # data/hellaswag's val set is downloaded on first use
     hellaswag_val = hellaswag.load_examples('', hellaswag_examples, gptconf) if eval_hellaswag else []

@@ -14,7 +14,6 @@ import jmp
 import optax
 from jaxtyping import Array, Int
 
-from cli import die
 import model
 import parallel
 
@@ -281,9 +280,9 @@ def windows(data, starts, block_size, vocab_size=None):
     """x, y of shape starts.shape + (block_size,), y shifted by one token; ids < vocab_size checked."""
     window = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
     if vocab_size and (top := window.max()) >= vocab_size:  # jnp's lookup would give NaN: divergence
-        folder = os.path.dirname(data.filename)
-        die(f"{data.filename} holds token id {top} but the model has {vocab_size} tokens: the data and "
-            f"meta.json (or the checkpoint) differ; run python {folder}/prepare.py again")
+        raise ValueError(f"{data.filename} holds token id {top} but the model has {vocab_size} tokens: the "
+                         f"data and meta.json (or the checkpoint) differ; run python "
+                         f"{os.path.dirname(data.filename)}/prepare.py again")
     return window[..., :-1], window[..., 1:]
 
 class _PlainUnpickler(pickle.Unpickler):  # a pickle naming any class or function runs nothing
