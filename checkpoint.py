@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 
 import numpy as np
 import jax
@@ -15,6 +16,7 @@ from model import GPTConfig, from_state_dict, param_shapes, to_state_dict
 import training
 
 CKPT_NAME = 'ckpt.safetensors'
+_renaming = threading.Lock()  # held for good by describe()
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, damaged or not ours."""
@@ -57,7 +59,8 @@ def save_checkpoint(path, arrays, meta):
                 f.write(_bytes(arrays[name]))
             f.flush()
             os.fsync(f.fileno())
-            os.replace(tmp, path)
+            with _renaming:
+                os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -117,7 +120,7 @@ def load_model(path):  # (arrays, meta, config, data dir, vocabulary or None)
     return arrays, meta, config, data_dir, vocab
 
 def describe(out_dir, state):  # 'the checkpoint in out (iter 250) is <state>'
-    path = os.path.join(out_dir, CKPT_NAME)
+    path, _ = os.path.join(out_dir, CKPT_NAME), _renaming.acquire()
     if not os.path.exists(path):
         return "no checkpoint was written"
     with contextlib.suppress(Exception), safe_open(path, framework='numpy') as f:

@@ -23,7 +23,7 @@ for _arg in sys.argv[1:]:
             sys.exit(f"config error: cannot read config file {_arg}: {_e.strerror}")
         print(f"Overriding config with {_arg}:\n{_source}")
         _before = dict(globals())
-        try:  # builtins.compile: the script's `compile` setting shadows the builtin
+        try:  # the `compile` setting shadows the builtin
             exec(_builtins.compile(_source, _arg, 'exec'))
         except Exception as _e:
             _lines = [f.lineno for f in _extract_tb(_e.__traceback__) if f.filename == _arg]

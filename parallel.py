@@ -46,7 +46,7 @@ def start_processes(coordinator_address, num_processes, process_id, backend, con
         jax.distributed.initialize(None if auto else coordinator_address,
                                    num_processes if num_processes > 1 else None,
                                    process_id if process_id >= 0 else None)
-    except Exception as e:  # an unknown cluster, an unreachable coordinator, a port in use
+    except Exception as e:  # no cluster, coordinator or free port
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip('.')
         if auto and 'coordinator_address should be defined' in reason:
             reason = "JAX detects no cluster here"
@@ -113,7 +113,7 @@ def device_peak_flops(device):  # None when unknown (a CPU)
 
 # one mesh: (devices / fsdp) data-parallel groups x fsdp devices sharing each array
 DATA, SHARDS = 'data', 'fsdp'
-MIN_SHARDED = 2 ** 14  # elements; smaller arrays (biases, norms, counters) stay whole
+MIN_SHARDED = 2 ** 14  # elements; smaller ones (biases, norms, counters) stay whole
 
 def make_mesh(devices, fsdp):  # fsdp=1 is data parallel: DDP's whole copies
     if fsdp > 1 and len(devices) == 1:
@@ -170,7 +170,7 @@ def put_state(tree, shardings):  # from host arrays each device gets only its sl
         return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
     return jax.tree.map(place, tree, shardings)
 
-def get_state(tree):  # numpy arrays, gathered one at a time; every process must call it
+def get_state(tree):  # numpy, one array at a time; every process calls it
     def gather(a):
         if a.is_fully_addressable:
             return np.asarray(a)
@@ -200,7 +200,7 @@ def compiled_bytes(compiled):  # XLA's estimate of one device's peak memory, or 
     except Exception:  # a backend without the analysis
         return None
 
-def device_memory_bytes(device):  # its allocator's limit on GPU/TPU, the machine's RAM on a CPU
+def device_memory_bytes(device):  # the allocator's limit, or a CPU's RAM
     with contextlib.suppress(Exception):  # no memory_stats
         if limit := (device.memory_stats() or {}).get('bytes_limit'):
             return int(limit)

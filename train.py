@@ -197,7 +197,7 @@ with die_on(ValueError, OSError): # data/hellaswag's val set is downloaded on fi
     hellaswag_val = hellaswag.load_examples('', hellaswag_examples, gptconf) if eval_hellaswag else []
     tx = training.configure_optimizers(param_shapes(gptconf), weight_decay, learning_rate, (beta1, beta2),
                                        grad_clip, optimizer, muon_lr)
-    # compile ahead of time, on shapes only, in dtype: nothing is allocated until XLA says it fits
+    # compiled ahead of time on shapes, in dtype: nothing allocated until XLA says it fits
     print("compiling the training step...")
     compiled = training.compile_steps(gptconf, tx, mesh, gradient_accumulation_steps, batch_size, dtype,
                                       seed, eval_iters, params is None)

@@ -249,7 +249,7 @@ def other_settings(gptconf, tx, devices, accumulation, batch_size, dtype, seed, 
             continue
         yield " ".join(f"--{k}={v}" for k, v in s.items()), [step['train step'][0]], mesh
 
-# data: windows of a uint16 token file, a pure function of (seed, purpose, iteration)
+# data: windows of a token file, a function of (seed, purpose, iteration)
 PURPOSE = {'train': 0, 'val': 1, 'eval_train': 2}  # eval's train batches differ from the step's
 
 def count_tokens(data_dir, split, block_size):  # of data_dir/split.bin, checked

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -627,6 +628,30 @@ def test_disk_full_at_save_time_keeps_the_previous_checkpoint(tmp_path, dataset,
     assert_clear_error(proc, f'cannot write the checkpoint to {resumable}', 'previous checkpoint is intact')
     assert open(path, 'rb').read() == before
     assert temps_in(resumable) == []  # the partial temp file was removed, not left filling the disk
+
+
+def test_no_save_lands_after_the_exit_line_named_the_checkpoint(tmp_path):
+    """The Ctrl-C line (a watcher thread) names the checkpoint on disk while the main thread may be saving:
+    once describe() has read it, a save's rename waits for the exit, so the line stays true. Without the
+    wait the iter-12 save landed after the line said iter 8 (test_kill9's Ctrl-C step, once)."""
+    script = textwrap.dedent('''
+        import sys, threading
+        sys.path.insert(0, sys.argv[1])
+        import numpy as np
+        from checkpoint import CKPT_NAME, describe, load_checkpoint, save_checkpoint
+        path = sys.argv[2] + '/' + CKPT_NAME
+        save_checkpoint(path, {'a': np.zeros(3)}, {'iter_num': 8})
+        print(describe(sys.argv[2], 'intact'))
+        saver = threading.Thread(target=save_checkpoint, args=(path, {'a': np.ones(3)}, {'iter_num': 12}),
+                                 daemon=True)
+        saver.start()
+        saver.join(timeout=3)
+        print(saver.is_alive(), load_checkpoint(path)[1]['iter_num'])
+    ''')
+    proc = subprocess.run([sys.executable, '-c', script, REPO, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [f'the checkpoint in {tmp_path} (iter 8) is intact', 'True 8']
 
 
 def test_out_dir_read_only_at_save_time_keeps_the_previous_checkpoint(tmp_path, dataset, env, resumable):
