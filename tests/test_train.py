@@ -515,8 +515,8 @@ def dataset(tmp_path_factory):
     return write_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'), tiny_text(30000))
 
 
-def train(dataset, out_dir, *extra, env, cwd, timeout=300):
-    cmd = [sys.executable, os.path.join(REPO, 'train.py'), f'--dataset={dataset}', f'--out_dir={out_dir}',
+def train(dataset, out_dir, *extra, env, cwd, timeout=300, wrapper=()):
+    cmd = [sys.executable, *wrapper, os.path.join(REPO, 'train.py'), f'--dataset={dataset}', f'--out_dir={out_dir}',
            *TINY, f'--eval_interval={N}', *extra]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
@@ -572,19 +572,55 @@ def test_resume_continues_bit_exactly(tmp_path, dataset, env, uninterrupted):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_steps_not_waited_for_on_host_devices_end(tmp_path, dataset, env):
-    """No loss read for many steps (log_interval past max_iters): on 4 host devices the run ends. With
-    every step sent at once XLA:CPU's all-reduce deadlocked within a few steps (2 of 2 runs), and the
-    rendezvous timeout (10 s here) aborted the process."""
-    flags = ('--xla_force_host_platform_device_count=4 --xla_cpu_collective_call_warn_stuck_timeout_seconds=5'
-             ' --xla_cpu_collective_call_terminate_timeout_seconds=10')
-    readme_model = ['--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64', '--batch_size=4',
-                    '--gradient_accumulation_steps=1']  # the tiny model's steps end before the next is sent
-    run = train(dataset, str(tmp_path / 'out'), *readme_model, '--max_iters=100', '--log_interval=1000',
-                '--eval_interval=100', env={**env, 'XLA_FLAGS': f"{env['XLA_FLAGS']} {flags}"},
-                cwd=str(tmp_path), timeout=200)
+# Runs train.py with each step's metrics held back 0.3 s on the device (a host callback); prints, as a
+# step is sent, the steps before the previous one that have not ended, and at exit how many were sent.
+HELD_BACK = r'''
+import atexit, os, runpy, sys, time
+import jax
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import training
+
+def hold(metrics):
+    return jax.pure_callback(lambda m: (time.sleep(0.3), m)[1],
+                             jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), metrics), metrics)
+
+class HeldBack:
+    def __init__(self, step):
+        self.step, self.sent, self.hold = step, [], jax.jit(hold)
+        atexit.register(lambda: print(f'sent {len(self.sent)} steps', flush=True))
+        atexit.register(jax.block_until_ready, self.sent)  # no callback left running at exit
+    def __getattr__(self, name):  # the memory check reads the compiled step's analyses
+        return getattr(self.step, name)
+    def __call__(self, *args):
+        late = [k for k, m in enumerate(self.sent[:-1]) if not all(a.is_ready() for a in jax.tree.leaves(m))]
+        if late:
+            print(f'step {len(self.sent)} sent before step(s) {late} ended', flush=True)
+        state, metrics = self.step(*args)
+        self.sent.append(self.hold(metrics))
+        return state, self.sent[-1]
+
+compile_steps = training.compile_steps
+def held_back(*args, **kwargs):
+    compiled = compile_steps(*args, **kwargs)
+    compiled['train step'] = HeldBack(compiled['train step'][0]), compiled['train step'][1]
+    return compiled
+training.compile_steps = held_back
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def test_at_most_two_steps_in_flight(tmp_path, dataset, env):
+    """No loss read for many steps (log_interval past max_iters) and every step's end held back: a step is
+    sent only once the steps before the previous one have ended. With every step sent at once, XLA:CPU's
+    all-reduce over host devices deadlocked within a few steps and its rendezvous timeout aborted the run."""
+    wrapper = tmp_path / 'held_back.py'
+    wrapper.write_text(HELD_BACK)
+    run = train(dataset, str(tmp_path / 'out'), '--max_iters=6', '--log_interval=1000', '--eval_interval=6',
+                env=env, cwd=str(tmp_path), wrapper=[str(wrapper)])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert 'training on 4 cpu device(s)' in run.stdout and re.search(r'^step 100: ', run.stdout, re.M)
+    assert 'training on 2 cpu device(s)' in run.stdout and re.search(r'^step 6: ', run.stdout, re.M)
+    assert 'sent 7 steps' in run.stdout and 'sent before' not in run.stdout, run.stdout[-2000:]
 
 
 def test_muon_trains_resumes_bit_exactly_and_refuses_another_optimizer(tmp_path, dataset, env, uninterrupted):
