@@ -13,10 +13,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # pytest-xdist's workers inhe
     os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='nanogpt-xla-cache-')
     atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)  # the run's own
 os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
-# LLVM's optimisations more than double XLA's compile time of the tests' tiny programs, and every
-# comparison here is between programs compiled alike (subprocesses inherit the flag)
-if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+# XLA:CPU's compile time of the tests' tiny programs halves without LLVM's optimisations and the new
+# fusion emitters; every comparison here is between programs compiled alike (test files that set
+# XLA_FLAGS for a subprocess start from these)
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + TEST_XLA_FLAGS).strip()
 
 import jaxtyping  # noqa: E402
 

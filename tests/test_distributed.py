@@ -58,7 +58,7 @@ def child_env(compile_cache, host_devices=1, **extra):
     # LLVM's optimisations triple XLA's compile time of these tiny steps, and every run here has the same flags
     # the host device count always explicit: train.py's own default on CPU (one per core, up to 2) would
     # split rows in the 2-process runs, where dropout masks then differ from the 1-device reference
-    xla_flags = f'--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={host_devices}'
+    xla_flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={host_devices}"
     env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', WANDB_MODE='disabled', XLA_FLAGS=xla_flags,
                JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')

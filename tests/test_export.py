@@ -45,8 +45,7 @@ NO_TORCH = ("import os, runpy, sys; sys.modules['torch'] = None; sys.argv = sys.
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     e = dict(os.environ)
-    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu', PYTHONIOENCODING='utf-8',
-             XLA_FLAGS='--xla_backend_optimization_level=0')
+    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu', PYTHONIOENCODING='utf-8')
     return e
 
 

@@ -39,7 +39,7 @@ def dataset(tmp_path_factory):
 def env_for(devices):
     env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_')) or 'CACHE' in k}
     env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-               XLA_FLAGS=f'--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}')
+               XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}")
     return env
 
 

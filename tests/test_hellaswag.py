@@ -33,8 +33,7 @@ ENDINGS = ["he starts pulling up roofing.", "is",
 
 
 def run(script, *args, cwd, **env):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE,
-               XLA_FLAGS='--xla_backend_optimization_level=0', **env)
+    env = dict(os.environ, JAX_PLATFORMS='cpu', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, **env)
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 

@@ -34,13 +34,8 @@ import parallel  # noqa: E402
 
 from tests.tinydata import tiny_text, write_char_dataset  # noqa: E402
 VOCAB = 65
-# LLVM's optimisations more than double XLA's compile time of these tiny steps and change no
-# result compared here: every step in a comparison is compiled the same way
-FAST_COMPILE = '--xla_backend_optimization_level=0'
-
-
-def jit(fn):
-    return jax.jit(fn, compiler_options={'xla_backend_optimization_level': 0})
+FAST_COMPILE = os.environ['XLA_FLAGS']  # conftest's: every step in a comparison is compiled alike
+jit = jax.jit
 
 
 def tiny_config(dropout=0.0, bias=False):
