@@ -1,5 +1,4 @@
-"""
-This training script runs on one device, on all the devices of a machine and across machines: one
+"""This training script runs on one device, all the devices of a machine or across machines: one
 jax.jit step over a mesh of the devices, data parallel (DDP's role) or with --fsdp=N sharded (FSDP's).
 
 To run on one machine (all its GPUs, or the CPU), example:
