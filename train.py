@@ -1,5 +1,5 @@
 """This training script runs on one device, all the devices of a machine or across machines: one
-jax.jit step over a mesh of the devices, data parallel (DDP's role) or with --fsdp=N sharded (FSDP's).
+jax.jit step over a device mesh, data parallel (DDP's role) or with --fsdp=N sharded (FSDP's).
 
 To run on one machine (all its GPUs, or the CPU), example:
 $ python train.py --batch_size=32
