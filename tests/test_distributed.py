@@ -55,9 +55,9 @@ def free_port():
 def child_env(compile_cache, host_devices=1, **extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(('JAX_', 'SLURM_', 'OMPI_', 'XLA_', 'TPU_'))}  # nothing inherited may start a cluster
-    # LLVM's optimisations triple XLA's compile time of these tiny steps, and every run here has the same flags
-    # the host device count always explicit: train.py's own default on CPU (one per core, up to 2) would
-    # split rows in the 2-process runs, where dropout masks then differ from the 1-device reference
+    # conftest's compile flags, as every run here; the host device count always explicit: train.py's own
+    # default on CPU (one per core, up to 2) would split rows in the 2-process runs, where dropout masks
+    # then differ from the 1-device reference
     xla_flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={host_devices}"
     env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', WANDB_MODE='disabled', XLA_FLAGS=xla_flags,
                JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
