@@ -120,7 +120,8 @@ def load_model(path):  # (arrays, meta, config, data dir, vocabulary or None)
     return arrays, meta, config, data_dir, vocab
 
 def describe(out_dir, state):  # 'the checkpoint in out (iter 250) is <state>'
-    path, _ = os.path.join(out_dir, CKPT_NAME), _renaming.acquire()
+    _renaming.acquire()
+    path = os.path.join(out_dir, CKPT_NAME)
     if not os.path.exists(path):
         return "no checkpoint was written"
     with contextlib.suppress(Exception), safe_open(path, framework='numpy') as f:
