@@ -34,8 +34,6 @@ import parallel  # noqa: E402
 
 from tests.tinydata import tiny_text, write_char_dataset  # noqa: E402
 VOCAB = 65
-FAST_COMPILE = os.environ['XLA_FLAGS']  # conftest's: every step in a comparison is compiled alike
-jit = jax.jit
 
 
 def tiny_config(dropout=0.0, bias=False):
@@ -205,14 +203,14 @@ def test_muon_matches_optax_muon_applied_by_hand():
     for lr, scale in [(1e-2, 1.0), (5e-3, 0.01), (2e-3, 0.3)]:  # the first step is clipped
         grads = jax.tree.map(lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), jnp.float32), params)
         ours_state.hyperparams['learning_rate'] = jnp.float32(lr)
-        ours, ours_state = jit(ours_tx.update)(grads, ours_state, params)
+        ours, ours_state = jax.jit(ours_tx.update)(grads, ours_state, params)
 
-        clipped, clip_state = jit(hand_clip.update)(grads, clip_state)
+        clipped, clip_state = jax.jit(hand_clip.update)(grads, clip_state)
         muon_g, adamw_g = by_hand_split(clipped)
         muon_state.hyperparams['learning_rate'] = jnp.float32(lr * muon_lr / lr_max)
         adamw_state.hyperparams['learning_rate'] = jnp.float32(lr)
-        muon_u, muon_state = jit(hand_muon.update)(muon_g, muon_state, muon_p)  # compiled: eager Muon is slow
-        adamw_u, adamw_state = jit(hand_adamw.update)(adamw_g, adamw_state, adamw_p)
+        muon_u, muon_state = jax.jit(hand_muon.update)(muon_g, muon_state, muon_p)  # compiled: eager Muon is slow
+        adamw_u, adamw_state = jax.jit(hand_adamw.update)(adamw_g, adamw_state, adamw_p)
         want_muon, want_adamw = muon_u, adamw_u
         got_muon, got_adamw = by_hand_split(ours)
         assert sorted(got_muon) == sorted(want_muon) and sorted(got_adamw) == sorted(want_adamw)
@@ -220,7 +218,7 @@ def test_muon_matches_optax_muon_applied_by_hand():
             np.testing.assert_allclose(got_muon[name], want_muon[name], rtol=1e-5, atol=1e-7, err_msg=name)
         for name in want_adamw:
             np.testing.assert_allclose(got_adamw[name], want_adamw[name], rtol=1e-5, atol=1e-7, err_msg=name)
-        fused, fused_state = jit(fused_muon.update)(clipped[c_attn]['weight'], fused_state, params[c_attn]['weight'])
+        fused, fused_state = jax.jit(fused_muon.update)(clipped[c_attn]['weight'], fused_state, params[c_attn]['weight'])
         fused = fused * (lr / lr_max)  # fused_muon runs at muon_lr throughout
         assert np.abs(np.asarray(fused) - np.asarray(ours[c_attn]['weight'])).max() > 1e-3 * np.abs(np.asarray(fused)).max()
         params = optax.apply_updates(params, ours)
@@ -236,13 +234,13 @@ def test_accumulated_gradient_equals_big_batch_gradient():
     state = training.init_train_state(params, capture_grads(), 'float32', 0)
     M, B, T = 4, 2, config.block_size
     x, y = tokens((M, B, T), 1), tokens((M, B, T), 2)
-    step = jit(training.make_train_step(config, capture_grads()))
+    step = jax.jit(training.make_train_step(config, capture_grads()))
     new_state, metrics = step(state, training.Batch(x, y), np.float32(1.0), np.int32(0))
     accumulated = new_state.opt_state.inner_state
 
     # the gradient of nanoGPT's loss on the whole batch at once, computed plainly
     forward = model.gpt_forward(config)
-    big_loss, big_grads = jit(jax.value_and_grad(
+    big_loss, big_grads = jax.jit(jax.value_and_grad(
         lambda p: forward.apply(p, None, x.reshape(M * B, T), y.reshape(M * B, T), is_training=True)[1]))(params)
     assert float(metrics['loss']) == pytest.approx(float(big_loss), rel=1e-6)
     assert_trees_close(accumulated, big_grads, rtol=1e-4, atol=1e-7)
@@ -262,14 +260,14 @@ def precision():
 
 def tiny_params(config, seed=0):
     """Parameters of a tiny model, initialized in one compiled call (eager init costs more)."""
-    return jax.device_get(jit(lambda key: model.init_params(config, key))(jax.random.PRNGKey(seed)))
+    return jax.device_get(jax.jit(lambda key: model.init_params(config, key))(jax.random.PRNGKey(seed)))
 
 
 def one_step_setup(dtype, config=None, seed=0):
     config = config or tiny_config()
     params = tiny_params(config, seed)
     optimizer = training.configure_optimizers(params, 0.1, 1e-3, (0.9, 0.95), 1.0)
-    state = jit(lambda p: training.init_train_state(p, optimizer, dtype, seed))(params)
+    state = jax.jit(lambda p: training.init_train_state(p, optimizer, dtype, seed))(params)
     x, y = tokens((2, 4, config.block_size), 3), tokens((2, 4, config.block_size), 4)
     batch = training.Batch(x, y)
     return config, optimizer, state, batch
@@ -279,7 +277,7 @@ def fp32_loss(config, params, batch):
     """The step's loss (the mean over its equal-sized micro-batches) in float32, without dropout."""
     forward = model.gpt_forward(config)
     M, B, T = batch.x.shape
-    loss = jit(lambda p, x, y: forward.apply(p, None, x, y)[1])
+    loss = jax.jit(lambda p, x, y: forward.apply(p, None, x, y)[1])
     return float(loss(params, batch.x.reshape(M * B, T), batch.y.reshape(M * B, T)))
 
 
@@ -310,7 +308,7 @@ def test_bfloat16_step_keeps_fp32_master_state(precision):
     precision('bfloat16')
     config, optimizer, state, batch = one_step_setup('bfloat16')
     assert_computes_in('bfloat16', config, state.params, batch)
-    step = jit(training.make_train_step(config, optimizer))
+    step = jax.jit(training.make_train_step(config, optimizer))
     losses = []
     for it in range(2):
         state, metrics = step(state, batch, np.float32(1e-3), np.int32(it))
@@ -335,7 +333,7 @@ def test_float16_step_and_dynamic_loss_scale(precision):
     config, optimizer, state, batch = one_step_setup('float16', config)
     assert_computes_in('float16', config, state.params, batch)
     assert state.loss_scale.scale.dtype == np.float32 and float(state.loss_scale.scale) == 2.0 ** 16
-    step = jit(training.make_train_step(config, optimizer))
+    step = jax.jit(training.make_train_step(config, optimizer))
     lr, it = np.float32(1e-3), np.int32(0)
 
     # good steps: applied, scale kept, counted; master state stays float32
@@ -499,7 +497,7 @@ N = 4  # resume: 2N iterations in one go, or N then resume to 2N
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     e = dict(os.environ)
-    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE)  # conftest's XLA cache
+    e.update(PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu')  # conftest's XLA cache and flags
     e.pop('WANDB_MODE', None)
     return e
 
@@ -729,7 +727,7 @@ def test_memory_check_refuses_what_cannot_fit(tmp_path, dataset, env):
     out = tmp_path / 'out'
     # about 2**22 sequences of 32 tokens per micro-batch: far beyond this machine's RAM. One host device
     # and 2 x an odd batch_size: no fsdp and one halving, fewer settings to compile for the estimates
-    one = dict(env, XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1')
+    one = dict(env, XLA_FLAGS=env['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=1')
     proc = train(dataset, str(out), '--batch_size=4000002', '--max_iters=2', env=one, cwd=str(tmp_path))
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -795,7 +793,7 @@ def test_cpu_row_split_over_host_devices_equals_one_device(tmp_path, dataset, en
     flags = ['--gradient_accumulation_steps=1', '--dropout=0.0', '--max_iters=3', '--eval_interval=3']
     runs = {}
     for n in (1, 2):
-        e = dict(env, XLA_FLAGS=FAST_COMPILE + f' --xla_force_host_platform_device_count={n}')
+        e = dict(env, XLA_FLAGS=env['XLA_FLAGS'] + f' --xla_force_host_platform_device_count={n}')
         proc = train(dataset, str(tmp_path / f'out{n}'), *flags, env=e, cwd=str(tmp_path))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[n] = proc.stdout
