@@ -14,9 +14,11 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # pytest-xdist's workers inhe
     atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)  # the run's own
 os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
 # XLA:CPU's compile time of the tests' tiny programs halves without LLVM's optimisations and the new
-# fusion emitters; every comparison here is between programs compiled alike (test files that set
-# XLA_FLAGS for a subprocess start from these)
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+# fusion emitters, and drops by a further ~25% of CPU in one codegen thread (the module's split for
+# parallel codegen costs CPU that two busy cores do not have); every comparison here is between
+# programs compiled alike (test files that set XLA_FLAGS for a subprocess start from these)
+TEST_XLA_FLAGS = ('--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false '
+                  '--xla_cpu_parallel_codegen_split_count=1')
 if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + TEST_XLA_FLAGS).strip()
 
