@@ -14,7 +14,7 @@ _dying = threading.Lock()
 
 def die(msg):
     """Known bad input or state: one clear line on stderr, exit status 1, no traceback."""
-    if _dying.acquire(blocking=False):  # one line, even when a background thread fails at once too
+    if _dying.acquire(False):  # one line, even if a background thread fails too
         print(f"error: {msg}", file=sys.stderr)
     if jax.distributed.is_initialized():
         exit_alone(1)
@@ -45,8 +45,9 @@ def on_interrupt(describe):
     def watch():
         while os.read(read, 1) != bytes([signal.SIGINT]):
             pass
-        if _dying.acquire(blocking=False):
-            print(f"error: {describe()}", file=sys.stderr)
+        line = describe()  # first: a dying main thread may hold the checkpoint's lock
+        if _dying.acquire(False):
+            print(f"error: {line}", file=sys.stderr)
         exit_alone(130)
     threading.Thread(target=watch, daemon=True).start()
 

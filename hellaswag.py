@@ -80,7 +80,7 @@ def ending_losses(params, config, examples, batch_rows=128):
             x_BT[b, :len(tokens) - 1] = tokens[:-1]
             y_BT[b, len(tokens) - 1 - n:len(tokens) - 1] = tokens[-n:]
         outs.append(score(params, x_BT, y_BT))
-        jax.block_until_ready(outs[-2:-1])  # one call queued behind this one: the bar stays true
+        jax.block_until_ready(outs[-2:-1])  # one call queued: the bar stays true
     mean = np.empty(len(rows))
     for chunk, loss_B in zip(chunks, outs):
         mean[chunk] = np.asarray(loss_B)[:len(chunk)]
@@ -106,7 +106,7 @@ if __name__ == '__main__':  # train.py imports the functions above
     dev = parallel.select_devices(device)[0]
     training.set_precision(parallel.select_dtype(dtype, dev.platform))  # as train.py's eval
     with die_on(checkpoint.CheckpointError, ValueError, OSError):
-        examples = load_examples(hellaswag_file, max_examples)  # a bad file fails before the model
+        examples = load_examples(hellaswag_file, max_examples)  # a bad file fails first
         gptconf, params, _, _ = interop.load_weights(init_from, out_dir)
         check_vocab(gptconf)
     n, acc, acc_norm = evaluate(jax.device_put(params, dev), gptconf, examples, batch_rows)

@@ -653,6 +653,31 @@ def test_no_save_lands_after_the_exit_line_named_the_checkpoint(tmp_path):
     assert proc.stdout.splitlines() == [f'the checkpoint in {tmp_path} (iter 8) is intact', 'True 8']
 
 
+def test_ctrl_c_while_a_diverged_run_dies_still_gives_its_line(tmp_path):
+    """train.py's stop_diverged: describe() (which keeps the checkpoint's lock), then die(). A Ctrl-C in
+    between leaves the watcher waiting in its own describe(); die() must still print its line. (The
+    watcher used to claim the one error line first, and the run exited 1 in silence.)"""
+    script = textwrap.dedent('''
+        import os, signal, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        import numpy as np
+        from checkpoint import CKPT_NAME, describe, save_checkpoint
+        from cli import die, on_interrupt
+        save_checkpoint(sys.argv[2] + '/' + CKPT_NAME, {'a': np.zeros(3)}, {'iter_num': 8})
+        on_interrupt(lambda: 'interrupted; ' + describe(sys.argv[2], 'intact'))
+        line = describe(sys.argv[2], 'untouched')  # the lock is now this thread's for good
+        os.kill(os.getpid(), signal.SIGINT)
+        me = threading.get_ident()
+        while not any(f.f_code.co_name == 'describe' for t, f in sys._current_frames().items() if t != me):
+            time.sleep(0.01)  # until the watcher waits in describe()
+        die('diverged; ' + line)
+    ''')
+    proc = subprocess.run([sys.executable, '-c', script, REPO, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr == f'error: diverged; the checkpoint in {tmp_path} (iter 8) is untouched\n', proc.stderr
+
+
 def test_out_dir_read_only_at_save_time_keeps_the_previous_checkpoint(tmp_path, dataset, env, resumable):
     """out_dir turns read-only during the run (after the start-up check passed); root ignores file
     modes, so there the wrapper raises the EACCES the write would get."""
