@@ -214,7 +214,7 @@ if params is None:
     state = compiled['initial state'][0](jax.random.PRNGKey(seed))
 else:
     state = training.init_train_state(parallel.put_state(params, shardings.params), tx, dtype, seed)
-    if ckpt_arrays is not None: # a ckpt.pt's torch AdamW state, converted
+    if ckpt_arrays is not None: # the optimizer's state (a ckpt.pt's converted)
         with die_on(CheckpointError):
             state = restore_state(state, ckpt_arrays, ckpt_path)
     state = parallel.put_state(state, shardings)
