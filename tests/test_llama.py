@@ -258,3 +258,15 @@ def test_tied_llama_exports_without_an_lm_head(tmp_path):
     missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in tensors.items()},
                                              strict=False)
     assert missing in ([], ['lm_head.weight']) and not unexpected  # lm_head is embed_tokens
+
+
+def test_published_llama_shapes_count_as_transformers():
+    """Llama 3.2 1B (tied head, 8 key/value heads) and Llama 2 7B as GPTConfigs: their parameter
+    counts are transformers' LlamaForCausalLM's of the same configs (the memory rows' models)."""
+    llama = dict(block_size=2048, bias=False, rope=True, norm='rmsnorm', activation='swiglu')
+    for kw, count in ((dict(n_layer=16, n_head=32, n_embd=2048, n_kv_head=8, mlp_hidden=8192,
+                            vocab_size=128256), 1_235_814_400),
+                      (dict(n_layer=32, n_head=32, n_embd=4096, mlp_hidden=11008, vocab_size=32000,
+                            tie_lm_head=False), 6_738_415_616)):
+        config = model.GPTConfig(**llama, **kw)
+        assert model.get_num_params(model.param_shapes(config)) == count, kw
