@@ -667,13 +667,16 @@ def test_ctrl_c_while_a_diverged_run_dies_still_gives_its_line(tmp_path):
         on_interrupt(lambda: 'interrupted; ' + describe(sys.argv[2], 'intact'))
         line = describe(sys.argv[2], 'untouched')  # the lock is now this thread's for good
         os.kill(os.getpid(), signal.SIGINT)
-        me = threading.get_ident()
+        me, deadline = threading.get_ident(), time.time() + 30
         while not any(f.f_code.co_name == 'describe' for t, f in sys._current_frames().items() if t != me):
             time.sleep(0.01)  # until the watcher waits in describe()
+            if time.time() > deadline:
+                os._exit(3)  # the watcher never got there: the check below says so
         die('diverged; ' + line)
     ''')
     proc = subprocess.run([sys.executable, '-c', script, REPO, str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
+    assert proc.returncode != 3, "the Ctrl-C watcher never entered describe() within 30 s"
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr == f'error: diverged; the checkpoint in {tmp_path} (iter 8) is untouched\n', proc.stderr
 
