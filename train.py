@@ -98,8 +98,7 @@ config = {k: globals()[k] for k in config_keys} # will be useful for logging
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
-on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intact')}: "
-                     f"continue with --init_from=resume")
+on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intact')}: continue with --init_from=resume")
 
 # various inits, derived attributes, I/O setup; the first two before JAX starts
 parallel.pin_platform(device)
@@ -108,8 +107,9 @@ parallel.start_processes(coordinator_address, num_processes, process_id, backend
 master_process = jax.process_index() == 0 # this process will do logging, checkpointing etc.
 devices = parallel.select_devices(device)
 dtype = config['dtype'] = parallel.select_dtype(dtype, devices[0].platform)
-if min(gradient_accumulation_steps, batch_size, block_size, fsdp) < 1:
-    die("gradient_accumulation_steps, batch_size, block_size and fsdp must be positive")
+if bad := [k for k in ('gradient_accumulation_steps', 'batch_size', 'block_size', 'fsdp', 'eval_interval', 'eval_iters',
+                       'log_interval') if config[k] < 1]: # nanoGPT would divide by zero or compute nothing
+    die(f"{bad[0]}={config[bad[0]]}: must be at least 1")
 # poor man's data loader
 data_dir = os.path.join('data', dataset)
 with die_on(ValueError):

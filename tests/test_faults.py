@@ -522,6 +522,21 @@ def test_configurator_faults_stop_before_training(tmp_path, dataset, env):
         assert 'compiling' not in proc.stdout and not out.exists()  # stopped before anything started
 
 
+def test_zero_intervals_and_impossible_dropout_stop_before_compiling(tmp_path, dataset, env):
+    """nanoGPT divides by eval_interval and log_interval and averages eval_iters losses: 0 was a traceback
+    (ZeroDivisionError, or KeyError for the eval step never compiled); dropout 1.0 was Haiku's line."""
+    cases = [(['--eval_interval=0'], ['eval_interval=0', 'at least 1']),
+             (['--log_interval=0'], ['log_interval=0', 'at least 1']),
+             (['--eval_iters=0'], ['eval_iters=0', 'at least 1']),
+             (['--dropout=1.0'], ['dropout must be in [0, 1)', '1.0'])]
+    outs = [tmp_path / f'out{i}' for i in range(len(cases))]
+    procs = run_side_by_side([train_cmd(dataset, str(o), *args) for o, (args, _) in zip(outs, cases)],
+                             env, str(tmp_path))
+    for proc, out, (args, needles) in zip(procs, outs, cases):
+        assert_clear_error(proc, *needles)
+        assert 'compiling' not in proc.stdout and not (out / CKPT_NAME).exists(), args
+
+
 @pytest.fixture
 def broken_datasets(tmp_path, dataset, reference):
     """name -> (dataset folder, extra flags, words the error line must contain)."""

@@ -207,7 +207,7 @@ def test_resume_across_layouts_and_after_kill9(tmp_path, dataset, runs):
 @pytest.mark.parametrize('devices,flags,expected', [
     (4, ['--fsdp=3'], 'fsdp=3 must divide the number of devices (4)'),
     (1, ['--fsdp=2'], 'fsdp=2 shards the state over several devices but this run has one'),
-    (4, ['--fsdp=0'], 'block_size and fsdp must be positive'),
+    (4, ['--fsdp=0'], 'fsdp=0: must be at least 1'),
 ])
 def test_bad_fsdp_is_one_line(tmp_path, dataset, devices, flags, expected):
     out = tmp_path / 'out'
