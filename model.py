@@ -282,7 +282,11 @@ def from_pretrained(model_type, override_args=None):
             raise FileNotFoundError(f"{absent[0]} not found: give a save_pretrained directory")
     elif model_type in pretrained:
         from huggingface_hub import hf_hub_download
-        paths = [hf_hub_download(model_type, f) for f in files]
+        try:
+            paths = [hf_hub_download(model_type, f) for f in files]
+        except Exception as e:  # offline, no cached copy, the hub refusing
+            raise OSError(f"cannot download {model_type} from the Hugging Face hub ({type(e).__name__}): "
+                          f"check the network, or give a save_pretrained directory") from None
     else:
         raise ValueError(f"unknown pretrained model {model_type!r}: "
                          f"use one of {sorted(pretrained)} or a local directory")

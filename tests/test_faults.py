@@ -602,8 +602,10 @@ def test_sample_bad_input_as_a_new_user(tmp_path, dataset, env, reference):
         ([out, '--start=FILE:prompt.txt'], ["'prompt.txt'", 'No such file']),
         ([out, '--max_new_tokens=0'], ['max_new_tokens must be at least 1']),
         ([f"--out_dir={tmp_path / 'other_out'}"], [str(other), f'has {vocab + 7} tokens', f'has {vocab}']),
+        (['--init_from=gpt2'], ['cannot download gpt2 from the Hugging Face hub', 'save_pretrained']),  # offline
     ]
-    procs = run_side_by_side([sample_cmd(*args) for args, _ in cases], env, str(fresh))
+    offline = dict(env, HF_HOME=str(tmp_path / 'hf'), HF_HUB_OFFLINE='1')  # an empty cache
+    procs = run_side_by_side([sample_cmd(*args) for args, _ in cases], offline, str(fresh))
     for proc, (args, needles) in zip(procs, cases):
         assert_clear_error(proc, *needles)
     assert os.listdir(fresh) == []
