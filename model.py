@@ -150,6 +150,9 @@ class GPTConfig:
         if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, "
                              f"n_head by n_kv_head={self.n_kv_head}")
+        if self.rope and self.n_embd // self.n_head % 2:
+            raise ValueError(f"rope turns pairs of dims: n_embd // n_head must be even, got "
+                             f"{self.n_embd} // {self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (('activation', ('gelu', 'gelu_new', 'relu2', 'swiglu')),

@@ -98,7 +98,8 @@ config = {k: globals()[k] for k in config_keys} # will be useful for logging
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
-on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intact')}: continue with --init_from=resume")
+on_interrupt(lambda: f"interrupted at iter {iter_num}; {describe(out_dir, 'intact')}: "
+                     f"continue with --init_from=resume")
 
 # various inits, derived attributes, I/O setup; the first two before JAX starts
 parallel.pin_platform(device)
@@ -239,8 +240,9 @@ def stop_diverged(it, what):
 
 # logging
 if wandb_log and master_process:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    with die_on(Exception): # no wandb package, or not logged in: its message says what to do
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # training loop
 train_batch = lambda it: parallel.put_batch(
@@ -315,6 +317,4 @@ while True:
     if iter_num > max_iters:
         break
 
-prefetch.shutdown(wait=False, cancel_futures=True)
-if wandb_log and master_process:
-    wandb.finish()
+prefetch.shutdown(wait=False, cancel_futures=True) # wandb finishes its run at exit

@@ -528,13 +528,25 @@ def test_zero_intervals_and_impossible_dropout_stop_before_compiling(tmp_path, d
     cases = [(['--eval_interval=0'], ['eval_interval=0', 'at least 1']),
              (['--log_interval=0'], ['log_interval=0', 'at least 1']),
              (['--eval_iters=0'], ['eval_iters=0', 'at least 1']),
-             (['--dropout=1.0'], ['dropout must be in [0, 1)', '1.0'])]
+             (['--dropout=1.0'], ['dropout must be in [0, 1)', '1.0']),
+             (['--rope=True', '--n_embd=30'], ['n_embd // n_head must be even', '30 // 2'])]
     outs = [tmp_path / f'out{i}' for i in range(len(cases))]
     procs = run_side_by_side([train_cmd(dataset, str(o), *args) for o, (args, _) in zip(outs, cases)],
                              env, str(tmp_path))
     for proc, out, (args, needles) in zip(procs, outs, cases):
         assert_clear_error(proc, *needles)
         assert 'compiling' not in proc.stdout and not (out / CKPT_NAME).exists(), args
+
+
+def test_wandb_without_a_login_is_one_line(tmp_path, dataset, env):
+    """--wandb_log=True where wandb has no API key (a fresh HOME, no WANDB_* settings): wandb's own
+    advice in one line, not its traceback."""
+    pytest.importorskip('wandb')
+    fresh = {k: v for k, v in env.items() if not k.startswith('WANDB_')}
+    fresh.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path))
+    proc = run(train_cmd(dataset, str(tmp_path / 'out'), '--wandb_log=True'), fresh, cwd=str(tmp_path))
+    assert_clear_error(proc, 'wandb login')
+    assert not (tmp_path / 'out' / CKPT_NAME).exists()
 
 
 @pytest.fixture
