@@ -174,6 +174,7 @@ except (ValueError, OSError, KeyError, TypeError) as e: # bad model_args, missin
 # crop down the model block size if desired, using model surgery
 if block_size < gptconf.block_size:
     params, gptconf = crop_block_size(params, gptconf, block_size)
+    ckpt_arrays = ckpt_arrays and {k: v[:block_size] if 'wpe' in k else v for k, v in ckpt_arrays.items()} # wpe's moments too
 elif block_size > gptconf.block_size:
     die(f"block_size={block_size} is longer than the model's {gptconf.block_size} (init_from={init_from!r})")
 # every field of the config, so we can store them into the checkpoint correctly
@@ -203,8 +204,7 @@ with die_on(ValueError, OSError): # data/hellaswag's val set is downloaded on fi
                                       seed, eval_iters, params is None)
 eval_batches = -(-eval_iters // ranks) * ranks # in whole steps of `ranks`; the padding is left out
 train_step, eval_step = compiled['train step'][0], compiled['eval step'][0]
-print("compile time: " + ", ".join(f"{name} {seconds:.1f}s" for name, (_, seconds) in compiled.items())
-      + ", side by side")
+print("compile time (side by side): " + ", ".join(f"{name} {s:.1f}s" for name, (_, s) in compiled.items()))
 # XLA's estimate against the device's memory; a refusal lists other settings'
 parallel.check_memory([train_step, eval_step], mesh, lambda: training.other_settings(
     gptconf, tx, devices, gradient_accumulation_steps, batch_size, dtype, seed, fsdp))

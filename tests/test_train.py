@@ -739,6 +739,26 @@ def test_memory_check_refuses_what_cannot_fit(tmp_path, dataset, env):
     assert not (out / CKPT_NAME).exists()
 
 
+def test_resume_at_a_shorter_block_size_crops_the_adamw_moments_too(tmp_path, dataset, env, uninterrupted):
+    """--init_from=resume --block_size=16 on a block_size 32 checkpoint: model surgery as for a pretrained
+    model, and wpe's AdamW moments cropped with it (they failed the restore's shape check). Resumed at its
+    last eval's iteration, the run saves before its one step: every array is the old one, wpe's cropped."""
+    work, _ = uninterrupted
+    (tmp_path / 'out').mkdir()
+    old, _ = load_checkpoint(str(work / 'out' / CKPT_NAME))
+    with open(tmp_path / 'out' / CKPT_NAME, 'wb') as f:
+        f.write(open(work / 'out' / CKPT_NAME, 'rb').read())
+    proc = train(dataset, str(tmp_path / 'out'), '--init_from=resume', '--block_size=16', f'--max_iters={2 * N}',
+                 '--always_save_checkpoint=True', env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    new, meta = load_checkpoint(str(tmp_path / 'out' / CKPT_NAME))
+    assert meta['model_args']['block_size'] == 16 and new.keys() == old.keys()
+    cropped = [k for k in old if 'wpe' in k]
+    assert len(cropped) == 3, cropped  # the weight, its two moments
+    for k in old:
+        np.testing.assert_array_equal(new[k], old[k][:16] if k in cropped else old[k], err_msg=k)
+
+
 def test_init_from_local_gpt2_directory_crops_and_overrides_dropout(tmp_path, dataset, env):
     """init_from=<save_pretrained directory>: GPT-2 weights (Conv1D transposed), block_size cropped
     by model surgery, dropout from the command line, as nanoGPT's init_from='gpt2*'. With a zero
