@@ -113,11 +113,14 @@ def load_model(path):  # (arrays, meta, config, data dir, vocabulary or None)
     config = model_config(meta.get('model_args'), path)
     dataset = meta.get('config', {}).get('dataset')
     data_dir = os.path.join('data', dataset) if dataset else None
+    return arrays, meta, config, data_dir, load_vocab(data_dir, config)
+
+def load_vocab(data_dir, config):  # data_dir's vocabulary, None if it has none
     vocab = training.load_meta(data_dir) if data_dir else None
     if vocab and vocab['vocab_size'] != config.vocab_size:
         raise ValueError(f"the vocabulary in {data_dir} has {vocab['vocab_size']} tokens but the "
                          f"model has {config.vocab_size}: run where train.py ran")
-    return arrays, meta, config, data_dir, vocab
+    return vocab
 
 def describe(out_dir, state):  # 'the checkpoint in out (iter 250) is <state>'
     _renaming.acquire()

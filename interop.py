@@ -1,4 +1,5 @@
 """Checkpoints to and from nanoGPT's ckpt.pt (AdamW state as 'adamw.*'), HF GPT-2 and HF Llama."""
+import os
 import pickle
 import re
 import warnings
@@ -7,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 import jax
 
-from checkpoint import CheckpointError, load_model, model_config, params_from_arrays, resume_path
+from checkpoint import CheckpointError, load_model, load_vocab, model_config, params_from_arrays, \
+    resume_path
 from model import TRANSPOSED, GPTConfig, from_pretrained, from_state_dict, param_shapes, \
     to_torch_name, torch_layout
 
@@ -33,8 +35,10 @@ def unsupported(config, target):
 def load_weights(init_from, out_dir):
     """(config, params, data dir, vocabulary) of 'resume', a ckpt.pt or a from_pretrained name."""
     try:
-        if init_from != 'resume' and not init_from.endswith('.pt'):
-            return *from_pretrained(init_from, dict(dropout=0.0)), None, None
+        if init_from != 'resume' and not init_from.endswith('.pt'):  # export.py's vocabulary beside
+            config, params = from_pretrained(init_from, dict(dropout=0.0))
+            data_dir = init_from if os.path.isdir(init_from) else None
+            return config, params, data_dir, load_vocab(data_dir, config)
         path = resume_path(out_dir) if init_from == 'resume' else init_from
         arrays, _, config, data_dir, vocab = load_model(path)
         return config, params_from_arrays(arrays), data_dir, vocab

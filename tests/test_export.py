@@ -241,6 +241,11 @@ def test_export_script_hf_greedy_equals_sample_script(tmp_path, dataset, env):
                        f'--max_new_tokens={new}', '--temperature=0', '--device=cpu', '--dtype=float32', env=env,
                        cwd=str(tmp_path)))
     ours = sample[sample.index('Loading meta from'):].split('\n', 1)[1].split('\n---------------\n')[0]
+    # the exported directory alone: sample.py finds the vocabulary export.py put beside the weights
+    alone = ok(script('sample.py', f'--init_from={tmp_path / "hf"}', f'--start={prompt}', '--num_samples=1',
+                      f'--max_new_tokens={new}', '--temperature=0', '--device=cpu', '--dtype=float32', env=env,
+                      cwd=str(tmp_path)))
+    assert alone[alone.index('Loading meta from'):].split('\n', 1)[1].startswith(ours + '\n'), alone[-2000:]
     meta = json.loads((tmp_path / 'hf' / 'meta.json').read_text())
     ids = [meta['stoi'][c] for c in prompt]
     with torch.no_grad():
