@@ -80,7 +80,11 @@ elif gptconf.vocab_size < 50257:
 else:
     print("No meta found, assuming GPT-2 encodings...")
     import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except OSError as e: # requests' errors: tiktoken downloads GPT-2's BPE once, then caches it
+        die(f"cannot get GPT-2's BPE for tiktoken ({type(e).__name__}): connect once, or set "
+            f"TIKTOKEN_CACHE_DIR to a cache that holds it")
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
     token = lambda i: enc.decode_single_token_bytes(i) if i < enc.n_vocab else '\ufffd'.encode()
     decode = lambda l: b''.join(map(token, l)).decode('utf-8', errors='replace')

@@ -128,3 +128,18 @@ def test_openwebtext_tokenize_and_write(tmp_path):
     assert n == len(want) == len(got)
     assert got.tolist() == want
     assert sum(1 for t in want if t == 50256) == len(docs)  # the special-token text stayed text
+
+
+@pytest.mark.parametrize('dataset', ['shakespeare_char', 'shakespeare'])
+def test_prepare_offline_is_one_line(tmp_path, dataset):
+    """No input.txt and no network (a proxy that refuses): one error line, exit 1, nothing written."""
+    folder = tmp_path / dataset
+    folder.mkdir()
+    shutil.copy(os.path.join(REPO, 'data', dataset, 'prepare.py'), folder)
+    env = dict(os.environ, HTTPS_PROXY='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9')
+    r = subprocess.run([sys.executable, str(folder / 'prepare.py')], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines == [lines[-1]] and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert lines[-1].startswith('error: cannot download https://') and 'input.txt' in lines[-1], lines
+    assert sorted(os.listdir(folder)) == ['prepare.py']

@@ -273,11 +273,23 @@ def test_greedy_matches_hf_generate(hf_gpt2):
     assert np.asarray(got)[0].tolist() == want
 
 
-def run_sample(*args, cwd=REPO, timeout=180):
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, PYTHONIOENCODING='utf-8', JAX_PLATFORMS='cpu')
+def run_sample(*args, cwd=REPO, timeout=180, **env_vars):
+    env = {**os.environ, 'TIKTOKEN_CACHE_DIR': TIKTOKEN_CACHE, 'PYTHONIOENCODING': 'utf-8', 'JAX_PLATFORMS': 'cpu',
+           **env_vars}
     r = subprocess.run([sys.executable, os.path.join(REPO, 'sample.py'), *args], cwd=cwd, env=env,
                        capture_output=True, timeout=timeout)
     return r.returncode, r.stdout.decode('utf-8'), r.stderr.decode('utf-8')
+
+
+def test_sample_script_without_gpt2_bpe_offline_is_one_line(hf_gpt2, tmp_path):
+    """A GPT-2-vocabulary model where tiktoken has no cached BPE and no network (a proxy that refuses)."""
+    _, folder = hf_gpt2
+    rc, out, err = run_sample(f'--init_from={folder}', '--num_samples=1', '--max_new_tokens=2', '--device=cpu',
+                              cwd=str(tmp_path), TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty'),
+                              HTTPS_PROXY='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9')
+    lines = err.strip().splitlines()
+    assert rc == 1 and 'Traceback' not in err and sum(l.startswith('error:') for l in lines) == 1, err[-3000:]
+    assert lines[-1].startswith("error: cannot get GPT-2's BPE for tiktoken") and 'TIKTOKEN_CACHE_DIR' in lines[-1]
 
 
 @pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE), reason=f"no offline tiktoken cache at {TIKTOKEN_CACHE}")

@@ -1,5 +1,6 @@
 """Tiny Shakespeare by characters into train.bin, val.bin and meta.json (JSON: safe to load)."""
 import os
+import sys
 import json
 import requests
 import numpy as np
@@ -10,8 +11,11 @@ here = os.path.dirname(os.path.abspath(__file__))
 input_file_path = os.path.join(here, 'input.txt')
 if not os.path.exists(input_file_path):
     data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-    response = requests.get(data_url, timeout=60)
-    response.raise_for_status()
+    try:
+        response = requests.get(data_url, timeout=60)
+        response.raise_for_status()
+    except requests.RequestException as e:  # offline: one line, and no input.txt written
+        sys.exit(f"error: cannot download {data_url} ({type(e).__name__}): put it at {input_file_path}")
     with open(input_file_path, 'w', encoding='utf-8') as f:
         f.write(response.text)
 
