@@ -113,6 +113,11 @@ def test_openwebtext_from_parquet(tmp_path):
         want = [t for i in idx for t in enc.encode_ordinary(docs[i]) + [enc.eot_token]]
         assert np.fromfile(tmp_path / 'openwebtext' / f'{split}.bin', np.uint16).tolist() == want
 
+    (tmp_path / 'empty').mkdir()
+    offline = prepare(tmp_path / 'empty', 'openwebtext', code="import prepare; prepare.main()")  # no cache
+    assert offline.returncode == 1 and len(offline.stderr.splitlines()) == 1, offline.stderr[-3000:]
+    assert offline.stderr.startswith("error: cannot fetch Skylion007/openwebtext: "), offline.stderr
+
     no_datasets = "import sys; sys.modules['datasets'] = None; import prepare; prepare.main()"
     r = prepare(tmp_path, 'openwebtext', code=no_datasets)
     assert r.returncode == 1

@@ -38,7 +38,10 @@ def main():
     from huggingface_hub import snapshot_download
 
     # parquet files: current datasets no longer runs the repo's loading script
-    folder = snapshot_download(REPO, repo_type='dataset', allow_patterns=PARQUET)
+    try:
+        folder = snapshot_download(REPO, repo_type='dataset', allow_patterns=PARQUET)
+    except Exception as e:  # e.g. offline, a bad HF_TOKEN
+        sys.exit(f"error: cannot fetch {REPO}: {type(e).__name__}: {e}".split('\n')[0])
     files = sorted(glob.glob(os.path.join(folder, PARQUET)))
     dataset = load_dataset('parquet', data_files={'train': files}, num_proc=num_proc_load_dataset)
     # only a 'train' split: hold out nanoGPT's val
