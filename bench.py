@@ -10,7 +10,7 @@ import jax
 from model import GPTConfig, param_shapes, get_num_params, estimate_mfu
 import backends
 import parallel
-from cli import die, die_on
+from cli import die, die_on, on_interrupt
 import training
 
 # -----------------------------------------------------------------------------
@@ -33,6 +33,7 @@ compare = '' # 'torch': also Hugging Face's GPT-2 in PyTorch, same batches
 _defaults = dict(globals())
 exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 G = gradient_accumulation_steps
+on_interrupt(lambda: "interrupted")
 parallel.pin_platform(device) # before JAX starts, as train.py
 freed_kept = backends.setup_cpu(device, n_layer, n_embd, G * batch_size)
 

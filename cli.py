@@ -12,10 +12,15 @@ from tqdm import tqdm
 
 _dying = threading.Lock()
 
+def _say(line):  # the one error line on a line of its own: a progress bar may be mid-line
+    for bar in list(getattr(tqdm, '_instances', ())):
+        bar.close()  # leave=False bars erase themselves
+    print(f"error: {line}", file=sys.stderr)
+
 def die(msg):
     """Known bad input or state: one clear line on stderr, exit status 1, no traceback."""
     if _dying.acquire(False):  # one line, even if a background thread fails too
-        print(f"error: {msg}", file=sys.stderr)
+        _say(msg)
     if jax.distributed.is_initialized():
         exit_alone(1)
     sys.exit(1)
@@ -47,7 +52,7 @@ def on_interrupt(describe):
             pass
         line = describe()  # first: a dying main thread may hold the checkpoint's lock
         if _dying.acquire(False):
-            print(f"error: {line}", file=sys.stderr)
+            _say(line)
         exit_alone(130)
     threading.Thread(target=watch, daemon=True).start()
 

@@ -12,7 +12,7 @@ import checkpoint
 import interop
 import parallel
 import training
-from cli import die_on
+from cli import die_on, on_interrupt
 
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 VAL_FILE = os.path.join('data', 'hellaswag', 'hellaswag_val.jsonl')  # as train.py's data: from cwd
@@ -102,6 +102,7 @@ if __name__ == '__main__':  # train.py imports the functions above
     device = 'cuda' # or 'cpu', 'cuda:1', etc.
     dtype = 'auto' # 'float32', 'bfloat16', 'float16'; 'auto': bfloat16 on GPU/TPU, else float32
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    on_interrupt(lambda: "interrupted")
     parallel.pin_platform(device)
     dev = parallel.select_devices(device)[0]
     training.set_precision(parallel.select_dtype(dtype, dev.platform))  # as train.py's eval

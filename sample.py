@@ -12,7 +12,7 @@ from model import check_sampling, make_generate
 import checkpoint
 import interop
 import parallel
-from cli import die, die_on, Progress
+from cli import die, die_on, on_interrupt, Progress
 
 # -----------------------------------------------------------------------------
 init_from = 'resume' # 'resume' (from out_dir), a gpt2 variant (e.g. 'gpt2-xl'), HF dir, ckpt.pt
@@ -33,6 +33,7 @@ compile = False # nanoGPT's flag: decoding is always compiled
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
+on_interrupt(lambda: "interrupted") # at once, even inside the compiled sampling loop
 parallel.pin_platform(device)
 if num_samples < 1 or batch_size < 1:
     die(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")

@@ -786,6 +786,31 @@ def test_saving_holds_one_array_beyond_the_callers(tmp_path):
     assert load_checkpoint(path)[1] == {'iter_num': 3}  # and its checksum holds
 
 
+def test_ctrl_c_while_sampling_exits_at_once(tmp_path, env, reference):
+    """SIGINT once sample.py's progress bar shows (minutes of sampling ahead): Python's own handler would
+    wait for the compiled loop to return; sample.py must leave within 3 s, status 130, one line."""
+    cmd = sample_cmd(f'--out_dir={reference[0]}', '--num_samples=256', '--batch_size=256',
+                     '--max_new_tokens=100000')
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen, deadline = b'', time.monotonic() + 120
+        while b'sampling' not in seen and time.monotonic() < deadline:  # tqdm's bar: inside the loop
+            if not (chunk := os.read(proc.stderr.fileno(), 4096)):
+                break  # it ended: the checks below say how
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=30)  # the old handler: minutes
+        waited = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert b'sampling' in seen, (seen + stderr)[-2000:]
+    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
+    assert waited < 3, f"exited {waited:.1f} s after the signal"
+    assert b'Traceback' not in stderr and b'-----' not in stdout, (stdout + stderr)[-2000:]
+    assert stderr.strip().splitlines()[-1].split(b'\r')[-1] == b'error: interrupted', stderr[-300:]
+
+
 def test_ctrl_c_inside_a_long_eval_exits_at_once(tmp_path, dataset, env, resumable):
     """SIGINT 2 s into the first eval of a bigger model (5,000 batches a split, ~a minute here), next to
     a checkpoint: Python's own handler would wait for the compiled call to return; the run must leave
