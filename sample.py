@@ -23,7 +23,7 @@ max_new_tokens = 500 # number of tokens generated in each sample
 temperature = 0.8 # 1.0 = no change, < 1.0 = less random, > 1.0 = more random; 0.0 = greedy
 top_k = 200 # retain only the top_k most likely tokens, clamp others to have 0 probability
 top_p = 1.0 # then the fewest likeliest tokens of total probability top_p; 1.0 = off
-stop = '' # a sample ends before the first stop in its new text
+stop = '' # a sample ends before the first stop in its new text; \n and \t as a shell passes them
 stream = False # print each sample as it is made (needs batch_size=1)
 batch_size = 16 # samples drawn side by side in one compiled call
 seed = 1337
@@ -38,6 +38,7 @@ parallel.pin_platform(device)
 if num_samples < 1 or batch_size < 1:
     die(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
 batch_size = min(batch_size, num_samples)
+stop = stop.replace('\\n', '\n').replace('\\t', '\t') # --stop="\n\n" arrives as backslashes
 if stream and batch_size > 1:
     die(f"stream=True prints one sample at a time, not {batch_size}: add --batch_size=1")
 try:

@@ -399,3 +399,11 @@ def test_sample_script_batches_streams_and_stops(char_run):
     for free, cut in zip(runs['free'], runs['batched']):
         new = free[len('First'):]
         assert 'e' in new and cut == 'First' + new[:new.index('e')]
+    # --stop="\n" from a shell is a backslash and an n: it means the newline
+    rc, out, err = run_sample(*args, '--max_new_tokens=200', '--stop=\\n', cwd=str(char_run))
+    assert rc == 0, err
+    rc, full, err = run_sample(*args, '--max_new_tokens=200', cwd=str(char_run))
+    assert rc == 0, err
+    frees = [f[len('First'):] for f in samples_of(full)]
+    assert any('\n' in f for f in frees)  # the check below has something to cut
+    assert samples_of(out) == ['First' + f.split('\n')[0] for f in frees]
