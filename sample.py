@@ -123,17 +123,22 @@ try:
                              on_tokens=progress).lower(params, x, keys_of(0)).compile()
 except jax.errors.JaxRuntimeError as e: # e.g. an XLA backend without some op in this dtype
     die(f"cannot compile in {dtype} on {dev} ({str(e).splitlines()[0]}): try another --dtype")
-compile_time, decode_time = time.time() - t0, 0.0
+compile_time, decode_time, n = time.time() - t0, 0.0, 0
+
+def made(row):  # the new tokens the compiled loop made: a batch stops once each row has its stop
+    new, k = row[len(start_ids):].tolist(), len(stop_ids)
+    return next((i + k for i in range(len(new) - k + 1) if k and new[i:i + k] == stop_ids), len(new))
+
 for first in range(0, num_samples, batch_size):
     progress.start(max_new_tokens)
     t0 = time.time()
-    y = np.asarray(generate(params, x, jax.device_put(keys_of(first), dev)))
+    y = np.asarray(generate(params, x, jax.device_put(keys_of(first), dev)))[:num_samples - first]
     decode_time += time.time() - t0
     progress.close()
-    for row in y[:num_samples - first]:
+    n += max(map(made, y)) * len(y)
+    for row in y:
         text = new_text(row, max_new_tokens)
         print(text[len(progress.printed):] if stream else decode(start_ids) + text)
         print('---------------')
-n = num_samples * max_new_tokens
 print(f"{n:,} tokens in {decode_time:.2f}s: {n / decode_time:,.1f} tokens/s "
       f"(compile {compile_time:.1f}s, not counted)")

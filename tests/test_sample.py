@@ -3,6 +3,7 @@ recompute over the cropped context, written out here), match Hugging Face's GPT-
 nanoGPT's temperature/top-k rule, and answer a user's mistakes with one clear line."""
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -389,13 +390,18 @@ def test_sample_script_batches_streams_and_stops(char_run):
     """The same samples drawn in one batch and streamed one at a time; --stop cuts each where the stop string
     first appears in its new text (printed without it)."""
     args = ['--out_dir=out', '--start=First', '--num_samples=3', '--max_new_tokens=200', '--temperature=1.0', '--device=cpu']
-    runs = {}
+    runs, tokens_made = {}, {}
     for name, extra in [('free', []), ('batched', ['--stop=e']),
                         ('streamed', ['--stop=e', '--batch_size=1', '--stream=True'])]:
         rc, out, err = run_sample(*args, *extra, cwd=str(char_run))
         assert rc == 0, err
         runs[name] = samples_of(out)
+        tokens_made[name] = int(re.search(r'^([\d,]+) tokens in ', out, re.M)[1].replace(',', ''))
     assert runs['batched'] == runs['streamed']
+    # tokens/s counts what the compiled loop made: a batch until its last row's stop, a row alone until its own
+    ends = [len(cut) - len('First') + 1 for cut in runs['batched']]  # through the 'e'
+    assert tokens_made['free'] == 3 * 200 and tokens_made['streamed'] == sum(ends)
+    assert tokens_made['batched'] == 3 * max(ends) < 3 * 200
     for free, cut in zip(runs['free'], runs['batched']):
         new = free[len('First'):]
         assert 'e' in new and cut == 'First' + new[:new.index('e')]
