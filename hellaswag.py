@@ -37,6 +37,8 @@ def check_vocab(config):  # GPT-2's 50257 tokens, or train.py's padded 50304
 def load_examples(path='', max_examples=0, config=None):
     """The first max_examples (0: all) of a jsonl ('': the val set) as (ctx, endings, label)."""
     import tiktoken
+    if max_examples < 0:
+        raise ValueError(f"the number of examples must be >= 0 (0: all), got {max_examples}")
     if config is not None:
         check_vocab(config)
     enc, path, examples = tiktoken.get_encoding('gpt2'), path or VAL_FILE, []

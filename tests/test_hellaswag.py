@@ -102,6 +102,8 @@ def test_cli_prints_acc_and_acc_norm(setup):
 def test_bad_input_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="HellaSwag needs GPT-2's tokens, the model has 65"):
         hellaswag.evaluate({}, GPTConfig(vocab_size=65), [])
+    with pytest.raises(ValueError, match="examples must be >= 0 .0: all., got -3"):  # it sliced off the end
+        hellaswag.load_examples(str(tmp_path / 'none.jsonl'), -3)
     with pytest.raises(OSError, match=f"cannot read {tmp_path}/none.jsonl: No such file"):
         hellaswag.load_examples(str(tmp_path / 'none.jsonl'))
     good = dict(ctx="A cat", endings=["a", "b", "c", "d"], label=0)
