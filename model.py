@@ -360,6 +360,7 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     decode, forward = gpt_decode(config).apply, gpt_forward(config).apply
     block_size, stop_S, n_stop = config.block_size, np.asarray(stop, np.int32), len(stop)
+    n_stop = n_stop if n_stop <= max_new_tokens else 0  # longer than the new text: never met
     @jax.jit
     def generate_tokens(params, idx_BT: Int[Array, "B T"],
                         keys_B: UInt32[Array, "B 2"]) -> Int[Array, "B N"]:

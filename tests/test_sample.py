@@ -221,6 +221,9 @@ def test_stop_ends_each_row_and_the_loop_once_all_have_stopped():
     assert stop not in [free[1, 3 + i - 1:3 + i + 1].tolist() for i in range(1, 20)]
     both = np.asarray(make_generate(TINY, 20, temperature=0.0, stop=stop)(params, idx_BT, row_keys(0, 2)))
     np.testing.assert_array_equal(both, free)
+    # a stop longer than prompt and new tokens together can never be met (its window did not fit)
+    short = make_generate(TINY, 2, temperature=0.0, stop=[1, 2, 3, 4, 5, 6])(params, idx_BT, row_keys(0, 2))
+    np.testing.assert_array_equal(short, free[:, :3 + 2])
 
 
 def test_a_host_function_sees_the_tokens_as_they_come():
