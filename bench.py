@@ -65,7 +65,7 @@ num_params = get_num_params(shapes)
 print(f"number of parameters: {num_params / 1e6:.2f}M")
 
 path = os.path.join('data', dataset, 'train.bin')
-data = np.random.default_rng(seed).integers(0, vocab_size, 2**20 + block_size, np.uint16)
+data = np.random.default_rng(seed % 2**32).integers(0, vocab_size, 2**20 + block_size, np.uint16)
 if real_data and os.path.exists(path):
     data = np.memmap(path, dtype=np.uint16, mode='r')
     if len(data) <= block_size or data[:100_000].max() >= vocab_size:

@@ -267,7 +267,7 @@ def count_tokens(data_dir, split, block_size):  # of data_dir/split.bin, checked
 
 def batch_indices(seed, purpose, it, num_tokens, block_size, shape):
     """Window starts for iteration `it`, of shape (micro-batches, batch_size)."""
-    rng = np.random.default_rng([seed, PURPOSE[purpose], it])
+    rng = np.random.default_rng([seed % 2**32, PURPOSE[purpose], it])  # numpy takes no negative seed
     return rng.integers(0, num_tokens - block_size, size=shape)
 
 def arrange(a_GB, ranks):

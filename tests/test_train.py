@@ -423,6 +423,10 @@ def test_batches_are_pure_functions_of_seed_and_iteration():
     assert not np.array_equal(a, training.batch_indices(1337, 'train', 6, n, T, (4, 3)))
     assert not np.array_equal(a, training.batch_indices(1338, 'train', 5, n, T, (4, 3)))
     assert not np.array_equal(a, training.batch_indices(1337, 'val', 5, n, T, (4, 3)))
+    # a negative seed (numpy's generators take none; --seed=-5 was a traceback) is a seed like another
+    negative = training.batch_indices(-5, 'train', 5, n, T, (4, 3))
+    np.testing.assert_array_equal(negative, training.batch_indices(-5, 'train', 5, n, T, (4, 3)))
+    assert not np.array_equal(negative, training.batch_indices(5, 'train', 5, n, T, (4, 3)))
     # all starts leave room for a window and its target
     many = training.batch_indices(0, 'train', 0, 50, T, (1000,))
     assert many.min() >= 0 and many.max() <= 50 - T - 1 and many.max() == 50 - T - 1
