@@ -356,14 +356,15 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p=1.0):
 
 def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, stop=(),
                   on_tokens=None):
-    """nanoGPT's generate, compiled once; row b's token i draws with fold_in(keys_B[b], i)."""
+    """nanoGPT's generate, compiled once: (idx_BN, new tokens made per row); row b's token i draws
+    with fold_in(keys_B[b], i)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     decode, forward = gpt_decode(config).apply, gpt_forward(config).apply
     block_size, stop_S, n_stop = config.block_size, np.asarray(stop, np.int32), len(stop)
     n_stop = n_stop if n_stop <= max_new_tokens else 0  # longer than the new text: never met
     @jax.jit
-    def generate_tokens(params, idx_BT: Int[Array, "B T"],
-                        keys_B: UInt32[Array, "B 2"]) -> Int[Array, "B N"]:
+    def generate_tokens(params, idx_BT: Int[Array, "B T"], keys_B: UInt32[Array, "B 2"]
+                        ) -> tuple[Int[Array, "B N"], Int[Array, ""]]:
         (B, T), idx_BT = idx_BT.shape, idx_BT.astype(jnp.int32)
         idx_BN = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(idx_BT)
         def put_next(i, logits_BV, idx_BN, done_B, report):
@@ -388,16 +389,17 @@ def make_generate(config, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0
                 logits_BV, cache = decode(params, tok_B1, cache, T + i - 1)
             return (i + 1, cache, *put_next(i, logits_BV, idx_BN, *state))
         def loop(end, *carry):  # until token end or every row is done (c[3]: done_B)
-            return lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[3]), step, carry)[2:]
-        state, n_cached = (idx_BN, jnp.zeros((B,), bool), jnp.int32(1)), 0
+            i, _, *state = lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[3]), step, carry)
+            return i, state
+        i, state, n_cached = jnp.int32(0), (idx_BN, jnp.zeros((B,), bool), jnp.int32(1)), 0
         if T <= block_size:  # prefill the prompt in one pass, then a token a step while it fits
             # past S, RoPE's cache rolls: a sliding window, not nanoGPT's crop
             S = min(block_size, T + max_new_tokens)
             cache = init_cache(config, B, params['transformer/wte']['weight'].dtype, S)
             logits_BV, cache = decode(params, idx_BT, cache, 0)
             n_cached = max_new_tokens if config.rope else min(max_new_tokens, block_size - T + 1)
-            state = loop(n_cached, jnp.int32(1), cache, *put_next(0, logits_BV, *state))
-        if n_cached < max_new_tokens:
-            state = loop(max_new_tokens, jnp.int32(n_cached), None, *state)
-        return state[0]
+            i, state = loop(n_cached, jnp.int32(1), cache, *put_next(0, logits_BV, *state))
+        if n_cached < max_new_tokens:  # from i: the cached loop may have stopped early
+            i, state = loop(max_new_tokens, i, None, *state)
+        return state[0], i
     return generate_tokens

@@ -125,20 +125,14 @@ except jax.errors.JaxRuntimeError as e: # e.g. an XLA backend without some op in
     die(f"cannot compile in {dtype} on {dev} ({str(e).splitlines()[0]}): try another --dtype")
 compile_time, decode_time, n = time.time() - t0, 0.0, 0
 
-def steps(y_BN):  # of the compiled loop, which stops once every row ends with its stop
-    new_BN, k = y_BN[:, len(start_ids):], len(stop_ids)
-    if not k or max_new_tokens < k:
-        return max_new_tokens
-    hit_BW = (np.lib.stride_tricks.sliding_window_view(new_BN, k, axis=1) == stop_ids).all(-1)
-    return int(np.where(hit_BW.any(1), hit_BW.argmax(1) + k, max_new_tokens).max())
-
 for first in range(0, num_samples, batch_size):
     progress.start(max_new_tokens)
     t0 = time.time()
-    y = np.asarray(generate(params, x, jax.device_put(keys_of(first), dev)))[:num_samples - first]
+    y, made = generate(params, x, jax.device_put(keys_of(first), dev))
+    y = np.asarray(y)[:num_samples - first]
     decode_time += time.time() - t0
     progress.close()
-    n += steps(y) * len(y)
+    n += int(made) * len(y)
     for row in y:
         text = new_text(row, max_new_tokens)
         print(text[len(progress.printed):] if stream else decode(start_ids) + text)

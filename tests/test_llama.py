@@ -94,7 +94,7 @@ def hf_greedy(hf, ids_BT, new):
 def our_greedy(config, params, ids_BT, new):
     keys_B = jax.random.split(jax.random.PRNGKey(0), len(ids_BT))
     generate = make_generate(config, new, temperature=0.0)
-    return np.asarray(generate(params, jnp.asarray(ids_BT), keys_B))
+    return np.asarray(generate(params, jnp.asarray(ids_BT), keys_B)[0])
 
 
 @pytest.fixture(scope='module')

@@ -67,10 +67,11 @@ def test_greedy_kv_cache_matches_full_recompute(T, new):
     params = tiny_params()
     idx_BT = jax.random.randint(jax.random.PRNGKey(T), (2, T), 0, TINY.vocab_size, dtype=jnp.int32)
     want = full_recompute_greedy(params, TINY, idx_BT, new)
-    got = np.asarray(make_generate(TINY, new, temperature=0.0)(params, idx_BT, row_keys(0, 2)))
+    got, made = make_generate(TINY, new, temperature=0.0)(params, idx_BT, row_keys(0, 2))
     np.testing.assert_array_equal(got, want)
+    assert int(made) == new
     if T == 3:  # top_k=1 at temperature 1 is greedy too, through the sampling path
-        got_k1 = make_generate(TINY, new, temperature=1.0, top_k=1)(params, idx_BT, row_keys(5, 2))
+        got_k1 = make_generate(TINY, new, temperature=1.0, top_k=1)(params, idx_BT, row_keys(5, 2))[0]
         np.testing.assert_array_equal(np.asarray(got_k1), want)
 
 
@@ -78,9 +79,9 @@ def test_seeded_sampling_is_reproducible():
     params = init_params(TINY, jax.random.PRNGKey(0))  # nanoGPT's init: near-uniform, so seeds matter
     idx_BT = jnp.array([[1, 2, 3]], jnp.int32)
     run = make_generate(TINY, 12, temperature=1.0, top_k=None)  # crosses block_size too
-    a = np.asarray(run(params, idx_BT, row_keys(1337, 1)))
-    b = np.asarray(run(params, idx_BT, row_keys(1337, 1)))
-    c = np.asarray(run(params, idx_BT, row_keys(1338, 1)))
+    a = np.asarray(run(params, idx_BT, row_keys(1337, 1))[0])
+    b = np.asarray(run(params, idx_BT, row_keys(1337, 1))[0])
+    c = np.asarray(run(params, idx_BT, row_keys(1338, 1))[0])
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     np.testing.assert_array_equal(a[:, :3], idx_BT)
@@ -155,8 +156,8 @@ def test_a_sample_is_the_same_alone_or_in_a_batch():
     params = init_params(TINY, jax.random.PRNGKey(0))  # nanoGPT's init: near-uniform, so every draw is a coin toss
     idx_BT = jnp.array([[1, 2, 3]] * 4, jnp.int32)
     run = make_generate(TINY, 12, temperature=1.0, top_k=None, top_p=0.9)
-    together = np.asarray(run(params, idx_BT, row_keys(7, 4)))
-    alone = [np.asarray(run(params, idx_BT[:1], row_keys(7, 4)[k:k + 1]))[0] for k in range(4)]
+    together = np.asarray(run(params, idx_BT, row_keys(7, 4))[0])
+    alone = [np.asarray(run(params, idx_BT[:1], row_keys(7, 4)[k:k + 1])[0])[0] for k in range(4)]
     np.testing.assert_array_equal(together, np.stack(alone))
     assert len({tuple(row) for row in together}) == 4  # four different samples
 
@@ -211,18 +212,19 @@ def test_stop_ends_each_row_and_the_loop_once_all_have_stopped():
     and once every row is done the loop ends, so the slots it never reached stay 0."""
     params = tiny_params()
     idx_BT = jax.random.randint(jax.random.PRNGKey(3), (2, 3), 1, TINY.vocab_size, dtype=jnp.int32)
-    free = np.asarray(make_generate(TINY, 20, temperature=0.0)(params, idx_BT, row_keys(0, 2)))
+    free = np.asarray(make_generate(TINY, 20, temperature=0.0)(params, idx_BT, row_keys(0, 2))[0])
     stop = free[0, 3 + 4:3 + 6].tolist()  # row 0's new tokens 4 and 5
     end = next(i for i in range(1, 20) if free[0, 3 + i - 1:3 + i + 1].tolist() == stop)  # where it first ends
-    one = np.asarray(make_generate(TINY, 20, temperature=0.0, stop=stop)(params, idx_BT[:1], row_keys(0, 1)))
+    one, made = make_generate(TINY, 20, temperature=0.0, stop=stop)(params, idx_BT[:1], row_keys(0, 1))
     np.testing.assert_array_equal(one[0, :3 + end + 1], free[0, :3 + end + 1])
-    assert end <= 5 and (one[0, 3 + end + 1:] == 0).all()
+    assert end <= 5 and (np.asarray(one)[0, 3 + end + 1:] == 0).all() and int(made) == end + 1
     # beside a row that never draws the stop tokens, the loop runs to the end for both rows
     assert stop not in [free[1, 3 + i - 1:3 + i + 1].tolist() for i in range(1, 20)]
-    both = np.asarray(make_generate(TINY, 20, temperature=0.0, stop=stop)(params, idx_BT, row_keys(0, 2)))
+    both, made = make_generate(TINY, 20, temperature=0.0, stop=stop)(params, idx_BT, row_keys(0, 2))
     np.testing.assert_array_equal(both, free)
+    assert int(made) == 20
     # a stop longer than prompt and new tokens together can never be met (its window did not fit)
-    short = make_generate(TINY, 2, temperature=0.0, stop=[1, 2, 3, 4, 5, 6])(params, idx_BT, row_keys(0, 2))
+    short = make_generate(TINY, 2, temperature=0.0, stop=[1, 2, 3, 4, 5, 6])(params, idx_BT, row_keys(0, 2))[0]
     np.testing.assert_array_equal(short, free[:, :3 + 2])
 
 
@@ -235,7 +237,7 @@ def test_a_host_function_sees_the_tokens_as_they_come():
     def on_tokens(n, idx_BN):
         seen.append((int(n), np.asarray(idx_BN).copy()))
         return np.int32(n + 3)  # every third token
-    got = np.asarray(make_generate(TINY, 10, temperature=0.0, on_tokens=on_tokens)(params, idx_BT, row_keys(0, 1)))
+    got = np.asarray(make_generate(TINY, 10, temperature=0.0, on_tokens=on_tokens)(params, idx_BT, row_keys(0, 1))[0])
     assert [n for n, _ in seen] == [1, 4, 7, 10]
     for n, idx_BN in seen:
         np.testing.assert_array_equal(idx_BN[:, :3 + n], got[:, :3 + n])
@@ -273,7 +275,7 @@ def test_greedy_matches_hf_generate(hf_gpt2):
     ids = [464, 2068, 7586, 21831, 18045, 625, 262]
     new = 32 - len(ids)  # up to HF's n_positions, the longest it can generate
     want = hf_greedy(model, ids, new)
-    got = make_generate(config, new, temperature=0.0)(params, jnp.asarray([ids], jnp.int32), row_keys(0, 1))
+    got = make_generate(config, new, temperature=0.0)(params, jnp.asarray([ids], jnp.int32), row_keys(0, 1))[0]
     assert np.asarray(got)[0].tolist() == want
 
 
