@@ -1,4 +1,4 @@
-"""model.py's device ops: each its plain op, or a form measured 3% faster (BENCHMARKS.md)."""
+"""Device ops of the model and step: each its plain op, or a form measured 3% faster (BENCHMARKS.md)."""
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -6,7 +6,10 @@ import math
 import os
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
+from jax import shard_map
+from jax.sharding import PartitionSpec as P
 
 ATTENTION_BLOCK = 128  # query rows per block of the CPU's causal attention
 HOST_DEVICES_MAX_PARAMS = 30_000_000  # above this one CPU device is faster (each runs AdamW)
@@ -49,6 +52,29 @@ lm_head = _cpu_grad(lambda x_NC, w_VC: x_NC @ w_VC.T, lambda x_NC, w_VC, g_NV: (
 # no divide by an array of exact 1s (NaN or not)
 residual = _cpu_grad(lambda x: x, lambda x, g: (
     g / ((x == x).astype(g.dtype) + (x != x).astype(g.dtype)),))
+
+def all_reduce_once(accumulate, mesh, rows):
+    """accumulate(params, x, y, keys_MR, scaler) -> (grads, loss) on each CPU device's rows, their
+    gradients then summed in one all-reduce of one flat array (DDP's buckets, no_sync's timing):
+    XLA:CPU's devices meet once per array of an all-reduce."""
+    if mesh.devices.flat[0].platform != 'cpu':
+        return accumulate  # elsewhere XLA's all-reduces, one per array, overlap the backward
+    D, axes = mesh.size, rows[1]
+
+    def local(params, x, y, keys_M1, scaler):  # equal rows, no -1 targets: mean of the means
+        grads, loss = accumulate(params, x, y, keys_M1, scaler)
+        flat, unflatten = jax.flatten_util.ravel_pytree(grads)
+        return unflatten(jax.lax.psum(flat, axes) / D), jax.lax.psum(loss, axes) / D
+
+    def run(params, x, y, keys_MR, scaler):
+        (M, R, _), per_rank = keys_MR.shape, D // keys_MR.shape[1]
+        keys_MD = jnp.repeat(keys_MR, per_rank, 1)
+        if per_rank > 1:  # a rank's rows over several devices: each folds in its place among them
+            place_MD = jnp.tile(jnp.arange(per_rank), (M, R))
+            keys_MD = jax.vmap(jax.vmap(jax.random.fold_in))(keys_MD, place_MD)
+        return shard_map(local, mesh=mesh, in_specs=(P(), rows, rows, rows, P()), out_specs=P(),
+                         check_vma=False)(params, x, y, keys_MD, scaler)
+    return run
 
 def causal_attention(q_BTHD, k_BTHD, v_BTHD):  # softmax(q k^T / sqrt(D), causal) v
     qkv = (q_BTHD, k_BTHD, v_BTHD)

@@ -14,6 +14,7 @@ import jmp
 import optax
 from jaxtyping import Array, Int
 
+import backends
 import model
 import parallel
 
@@ -122,29 +123,25 @@ def init_train_state(params, tx, dtype, seed):
 def over_ranks(fn, ranks, *args):  # fn of each micro-batch side by side (leading axis)
     return jax.vmap(fn)(*args) if ranks > 1 else fn(*(a[0] for a in args))[None]
 
-def make_train_step(gptconf, tx, ranks=1, sharded=False):
+def make_train_step(gptconf, tx, ranks=1, sharded=False, mesh=None):
     """train_step(state, batch, lr, iter_num) -> (state, metrics); float16 overflows skipped."""
     forward = model.gpt_forward(gptconf)
 
     def loss_fn(params, x_RBT: Int[Array, "R B T"], y_RBT: Int[Array, "R B T"], keys_R, scaler):
         micro = lambda x_BT, y_BT, key: forward.apply(params, key, x_BT, y_BT, is_training=True)[1]
-        loss = jnp.mean(over_ranks(micro, ranks, x_RBT, y_RBT, keys_R))
+        loss = jnp.mean(over_ranks(micro, keys_R.shape[0], x_RBT, y_RBT, keys_R))
         return scaler.scale(loss), loss
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch, lr, iter_num):
-        M, _, T = batch.x.shape
-        scaler = jmp.NoOpLossScale() if state.loss_scale == () else jmp.DynamicLossScale(
-            state.loss_scale.scale, state.loss_scale.counter)
-        step_key = jax.random.fold_in(state.rng, iter_num)
+    def accumulate(params, x_MNT, y_MNT, keys_MR, scaler):  # -> (grads, loss), micro-steps' mean
+        M, _, T = x_MNT.shape
 
-        def micro_grads(x_NT, y_NT, m):
-            keys_R = jax.vmap(lambda r: jax.random.fold_in(step_key, r * M + m))(jnp.arange(ranks))
-            params = state.params
+        def micro_grads(x_NT, y_NT, keys_R, m):
+            p = params
             if sharded:  # tied to the micro-step: else XLA gathers them whole before the loop
-                params = jax.tree.map(lambda p: jnp.where(m >= 0, p, 0.0), params)
-            x_RBT, y_RBT = (a.reshape(ranks, -1, T) for a in (x_NT, y_NT))
-            (_, loss), grads = grad_fn(params, x_RBT, y_RBT, keys_R, scaler)
+                p = jax.tree.map(lambda a: jnp.where(m >= 0, a, 0.0), p)
+            x_RBT, y_RBT = (a.reshape(len(keys_R), -1, T) for a in (x_NT, y_NT))
+            (_, loss), grads = grad_fn(p, x_RBT, y_RBT, keys_R, scaler)
             return grads, loss
 
         def micro_step(grads_sum, xs):
@@ -152,11 +149,22 @@ def make_train_step(gptconf, tx, ranks=1, sharded=False):
             return jax.tree.map(jnp.add, grads_sum, grads), loss
 
         if M == 1:  # no accumulator to fill and divide
-            grads, loss = micro_grads(batch.x[0], batch.y[0], 0)
-        else:  # gradient accumulation, nanoGPT's loss / gradient_accumulation_steps
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            grads, loss_M = jax.lax.scan(micro_step, zeros, (batch.x, batch.y, jnp.arange(M)))
-            grads, loss = jax.tree.map(lambda g: g / M, grads), jnp.mean(loss_M)
+            return micro_grads(x_MNT[0], y_MNT[0], keys_MR[0], 0)
+        # gradient accumulation, nanoGPT's loss / gradient_accumulation_steps
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        grads, loss_M = jax.lax.scan(micro_step, zeros, (x_MNT, y_MNT, keys_MR, jnp.arange(M)))
+        return jax.tree.map(lambda g: g / M, grads), jnp.mean(loss_M)
+    if mesh is not None and not sharded and mesh.size > 1:
+        accumulate = backends.all_reduce_once(accumulate, mesh, parallel.row_sharding(mesh).spec)
+
+    def train_step(state, batch, lr, iter_num):
+        M = batch.x.shape[0]
+        scaler = jmp.NoOpLossScale() if state.loss_scale == () else jmp.DynamicLossScale(
+            state.loss_scale.scale, state.loss_scale.counter)
+        step_key = jax.random.fold_in(state.rng, iter_num)  # rank r's micro-step m: r * M + m
+        keys_MR = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (None, 0))(
+            step_key, jnp.arange(M)[:, None] + M * jnp.arange(ranks))
+        grads, loss = accumulate(state.params, batch.x, batch.y, keys_MR, scaler)
         grads = scaler.unscale(grads)
 
         hyperparams = dict(state.opt_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
@@ -203,7 +211,7 @@ def compile_steps(gptconf, tx, mesh, accumulation, batch_size, dtype, seed, eval
     same = parallel.replicated(mesh)
     shape = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype)
     tokens = lambda steps: shape(np.int32, steps, ranks * batch_size, gptconf.block_size)
-    step = make_train_step(gptconf, tx, ranks, sharded=mesh.shape[parallel.SHARDS] > 1)
+    step = make_train_step(gptconf, tx, ranks, mesh.shape[parallel.SHARDS] > 1, mesh)
     step = jax.jit(step, in_shardings=(where, rows, same, same), out_shardings=(where, same),
                    donate_argnums=0)
     jobs = {'train step': (step, (state, Batch(tokens(micro_steps), tokens(micro_steps)),

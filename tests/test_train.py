@@ -831,3 +831,42 @@ def test_cpu_row_split_over_host_devices_equals_one_device(tmp_path, dataset, en
     two, _ = load_checkpoint(str(tmp_path / 'out2' / CKPT_NAME))
     for k in one: # AdamW divides by each gradient's size: rounding in a near-zero gradient moves a weight
         np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k) # of ~1e-2 by ~1e-6
+
+
+def test_cpu_data_parallel_gradients_meet_in_one_all_reduce():
+    """On CPU host devices (data parallel) each device's gradient is summed in one all-reduce of one flat
+    array, as XLA:CPU's devices meet once per array (55 times a step for the README's model before). Each
+    device's part, with backends.all_reduce_once's keys: a rank's own key when it has a device to itself,
+    folded with the device's place among its rank's devices when its rows are split over several."""
+    script = textwrap.dedent('''
+        import re, sys
+        sys.path.insert(0, sys.argv[1])
+        import numpy as np, jax, jax.numpy as jnp
+        import backends, model, parallel, training
+        config = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+        tx = training.configure_optimizers(model.param_shapes(config), 0.1, 1e-3, (0.9, 0.95), 1.0)
+        mesh = parallel.make_mesh(jax.devices(), 1)
+        hlo = training.compile_steps(config, tx, mesh, 1, 4, 'float32', 0)['train step'][0].as_text()
+        print('operands', *[m.count('%') for m in re.findall(r' all-reduce\\(([^)]*)\\)', hlo)])
+        accumulate = lambda params, x, y, keys_MD, scaler: (  # a device's draw, its rows' sum
+            {'u': jax.random.uniform(keys_MD[0, 0], (3,))}, jnp.sum(x * 1.0))
+        x = jnp.arange(8 * 5).reshape(1, 8, 5)
+        for R in (4, 2, 1):
+            keys_MR = jax.random.split(jax.random.PRNGKey(1), R)[None]
+            run = jax.jit(backends.all_reduce_once(accumulate, mesh, parallel.row_sharding(mesh).spec))
+            grads, loss = run({}, x, x, keys_MR, None)
+            print('ranks', R, float(loss), *np.asarray(grads['u']).tolist())
+    ''')
+    proc = subprocess.run([sys.executable, '-c', script, REPO], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, XLA_FLAGS=os.environ['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=4'))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    operands = [int(n) for n in re.search(r'^operands(.*)$', proc.stdout, re.M)[1].split()]
+    assert len(operands) == 1 and operands[0] <= 2, operands  # the flat gradient and the loss
+    for R in (4, 2, 1):
+        row = [float(v) for v in re.search(rf'^ranks {R} (.*)$', proc.stdout, re.M)[1].split()]
+        keys = jax.random.split(jax.random.PRNGKey(1), R)
+        per_rank = 4 // R
+        draws = [jax.random.uniform(keys[r] if per_rank == 1 else jax.random.fold_in(keys[r], c), (3,))
+                 for r in range(R) for c in range(per_rank)]
+        assert row[0] == pytest.approx(sum(range(40)) / 4)  # the devices' mean
+        np.testing.assert_allclose(row[1:], np.mean(draws, 0), rtol=1e-6)
