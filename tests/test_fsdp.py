@@ -84,7 +84,7 @@ def assert_close_checkpoints(a_dir, b_dir, what, exact=False, rtol=1e-4, atol=1e
 def runs(tmp_path_factory, dataset):
     """ITERS iterations uninterrupted in several layouts: {name: (out_dir, log)}."""
     work = tmp_path_factory.mktemp('layouts')
-    layouts = {'1 device': (1, []), 'dp 4': (4, []), 'fsdp 4 remat': (4, ['--fsdp=4', '--remat=True']), 'fsdp 2 x 2': (4, ['--fsdp=2']),
+    layouts = {'1 device': (1, []), 'dp 4': (4, []), 'dp 2': (2, []), 'fsdp 4 remat': (4, ['--fsdp=4', '--remat=True']), 'fsdp 2 x 2': (4, ['--fsdp=2']),
                '1 device no clip': (1, ['--grad_clip=0.0']),
                'modern 1 device': (1, MODERN), 'modern fsdp 2 x 2 remat': (4, ['--fsdp=2', '--remat=True', *MODERN])}
     done = {}
@@ -95,14 +95,15 @@ def runs(tmp_path_factory, dataset):
 
 
 def test_fsdp_equals_data_parallel_and_one_device(runs):
-    """fsdp=4 over 4 devices with remat, 2 groups x 2 shards, dp over 4 devices and 1 device with
-    4 micro-steps: the same losses and final parameters and moments, dropout and clipping on."""
+    """fsdp=4 over 4 devices with remat, 2 groups x 2 shards, dp over 4 devices, dp over 2 (2 micro-steps
+    each) and 1 device with 4 micro-steps: the same losses and final parameters and moments, dropout
+    and clipping on."""
     assert 'the state sharded over 4 (fsdp)' in runs['fsdp 4 remat'][1] and 'the state sharded over 2 (fsdp)' in runs['fsdp 2 x 2'][1]
     assert 'training on 4 cpu device(s)' in runs['fsdp 4 remat'][1] and 'fsdp' not in runs['dp 4'][1].split('tokens per')[0]
     ref_out, ref_log = runs['1 device']
     ref = losses(ref_log)
     assert len(ref) == ITERS + 1 + 3 and len(set(ref.values())) > ITERS  # every iteration and eval, and they move
-    for name in ('dp 4', 'fsdp 4 remat', 'fsdp 2 x 2'):
+    for name in ('dp 4', 'dp 2', 'fsdp 4 remat', 'fsdp 2 x 2'):
         out, log = runs[name]
         assert_close_losses(losses(log), ref, name)
         assert_close_checkpoints(out, ref_out, name)
