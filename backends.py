@@ -1,4 +1,4 @@
-"""Device ops of the model and step: each its plain op, or a form measured 3% faster (BENCHMARKS.md)."""
+"""Device ops of model and step: each its plain op, or a form measured 3% faster (BENCHMARKS.md)."""
 import ctypes
 import importlib.metadata
 import importlib.util
